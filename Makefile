@@ -1,0 +1,46 @@
+# The two commands: `make demo` and `make test`. Both install into .venv first, if needed.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+STAMP  := $(VENV)/.cpift-installed
+TORCH_PIN ?= torch==2.13.0
+EXT_SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+CU_SOURCES  := $(shell find csrc -name '*.cu' 2>/dev/null)
+
+.PHONY: install demo test bench cuda-check clean
+
+install: $(STAMP)
+
+# Re-runs only when the build inputs change; a second `make install` re-installs nothing.
+$(STAMP): $(EXT_SOURCES)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null && echo "torch already in $(VENV): keeping it" \
+		|| $(PIP) install -q "$(TORCH_PIN)"
+	$(PIP) install -q setuptools wheel ninja
+	$(PIP) install -q --no-build-isolation -e ".[dev]"
+	@$(PY) -c "import cpift_fast, json; print(json.dumps(cpift_fast.backend_info()['built'], indent=1))"
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/cpift demo
+
+test: install cuda-check
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/run_all.py
+
+# CUDA sources cannot be run here, but they must keep compiling: `nvcc -c` against torch's headers.
+cuda-check: install
+	@if command -v nvcc >/dev/null && [ -n "$(CU_SOURCES)" ]; then \
+		inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))"); \
+		for f in $(CU_SOURCES); do \
+			echo "nvcc -c $$f"; \
+			nvcc -c -std=c++17 -O1 -DCPIFT_WITH_CUDA $$inc -I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") \
+				"$$f" -o /tmp/cpift-cuda-check.o || exit 1; \
+		done; \
+	else echo "cuda-check: no nvcc or no .cu sources, skipped"; fi
+
+clean:
+	rm -rf build *.egg-info cpift_fast/*.so
