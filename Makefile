@@ -37,7 +37,7 @@ cuda-check: install
 		inc=$$($(PY) -c "from torch.utils.cpp_extension import include_paths; print(' '.join('-I'+p for p in include_paths()))"); \
 		for f in $(CU_SOURCES); do \
 			echo "nvcc -c $$f"; \
-			nvcc -c -std=c++17 -O1 -DCPIFT_WITH_CUDA $$inc -I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") \
+			nvcc -c -std=c++20 -O1 -DCPIFT_WITH_CUDA $$inc -I$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])") \
 				"$$f" -o /tmp/cpift-cuda-check.o || exit 1; \
 		done; \
 	else echo "cuda-check: no nvcc or no .cu sources, skipped"; fi

@@ -36,7 +36,7 @@ def _extensions():
     import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-fopenmp", "-std=c++17", "-fdiagnostics-color=always"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-fdiagnostics-color=always"]
     if os.environ.get("CPIFT_PORTABLE") != "1":
         cxx.append("-march=native")
     sources = sorted(glob.glob("csrc/*.cpp"))
@@ -45,7 +45,7 @@ def _extensions():
         ext = CUDAExtension(
             "cpift_fast._C",
             sources,
-            extra_compile_args={"cxx": cxx + ["-DCPIFT_WITH_CUDA"], "nvcc": ["-O3", "-DCPIFT_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx + ["-DCPIFT_WITH_CUDA"], "nvcc": ["-O3", "-std=c++20", "-DCPIFT_WITH_CUDA"]},
             extra_link_args=["-fopenmp"],
         )
     else:

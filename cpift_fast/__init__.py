@@ -8,6 +8,10 @@ Public API (everything else is internal):
 from ._ops import BackendUnavailable, backend_info
 from .mask import MaskLayout, ParamMask
 
+# masked AdamW (issue 3)
+# core selection (issue 4)
+# overlap and fusion (issue 5)
+
 __version__ = "0.1.0"
 
 __all__ = ["BackendUnavailable", "MaskLayout", "ParamMask", "backend_info", "__version__"]

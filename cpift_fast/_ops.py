@@ -30,6 +30,9 @@ TRITON_MODULE: dict[str, str] = {
     "mask_unpack": "mask",
     "mask_popcount": "mask",
     "mask_binary": "mask",
+    # masked AdamW (issue 3)
+    # core selection (issue 4)
+    # overlap and fusion (issue 5)
 }
 
 # Ops whose CUDA C++ kernel measured faster than the Triton one on a GPU (bench/results/).
@@ -169,25 +172,16 @@ def backend_info() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# fake (meta) implementations of the C++ ops, for torch.compile
+# fake (meta) implementations of the C++ ops, for torch.compile. Each op section below adds a
+# function to _FAKE_REGISTRARS; they run once, right after the extension loads.
 # ---------------------------------------------------------------------------------------------
 
+_FAKE_REGISTRARS: list = []
+
+
 def _register_fakes() -> None:
-    @torch.library.register_fake("cpift::mask_pack")
-    def _(bits):
-        return bits.new_empty(((bits.numel() + 31) // 32,), dtype=torch.int32)
-
-    @torch.library.register_fake("cpift::mask_unpack")
-    def _(words, numel):
-        return words.new_empty((numel,), dtype=torch.bool)
-
-    @torch.library.register_fake("cpift::mask_popcount")
-    def _(words, offsets):
-        return offsets.new_empty((offsets.shape[0] - 1,), dtype=torch.int64)
-
-    @torch.library.register_fake("cpift::mask_binary")
-    def _(a, b, op):
-        return torch.empty_like(a)
+    for registrar in _FAKE_REGISTRARS:
+        registrar()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +206,40 @@ def mask_popcount(words: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 MASK_AND, MASK_OR, MASK_ANDNOT, MASK_XOR = 0, 1, 2, 3
 
 
+@_FAKE_REGISTRARS.append
+def _mask_fakes() -> None:
+    @torch.library.register_fake("cpift::mask_pack")
+    def _(bits):
+        return bits.new_empty(((bits.numel() + 31) // 32,), dtype=torch.int32)
+
+    @torch.library.register_fake("cpift::mask_unpack")
+    def _(words, numel):
+        return words.new_empty((numel,), dtype=torch.bool)
+
+    @torch.library.register_fake("cpift::mask_popcount")
+    def _(words, offsets):
+        return offsets.new_empty((offsets.shape[0] - 1,), dtype=torch.int64)
+
+    @torch.library.register_fake("cpift::mask_binary")
+    def _(a, b, op):
+        return torch.empty_like(a)
+
+
 def mask_binary(a: torch.Tensor, b: torch.Tensor, op: int) -> torch.Tensor:
     """Word-wise a & b (0), a | b (1), a & ~b (2), a ^ b (3)."""
     return call("mask_binary", a.device, a, b, op)
+
+
+# ---------------------------------------------------------------------------------------------
+# masked AdamW ops (issue 3)
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# core selection ops (issue 4)
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# overlap and fusion ops (issue 5)
+# ---------------------------------------------------------------------------------------------

@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the built-in end-to-end demo")
     p.set_defaults(func=_cmd_demo)
 
+    # [issue 4] cpift core
+    # [issue 5] cpift overlap, cpift fuse
+    # [issue 6] cpift run (and the pipeline's demo replaces _cmd_demo)
+
     return parser
 
 
