@@ -45,7 +45,7 @@ def _extensions():
         ext = CUDAExtension(
             "cpift_fast._C",
             sources,
-            extra_compile_args={"cxx": cxx + ["-DCPIFT_WITH_CUDA"], "nvcc": ["-O3", "-std=c++20", "-DCPIFT_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx + ["-DCPIFT_WITH_CUDA"], "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DCPIFT_WITH_CUDA"]},
             extra_link_args=["-fopenmp"],
         )
     else:

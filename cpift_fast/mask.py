@@ -74,23 +74,25 @@ class MaskLayout:
     def offsets_tensor(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return torch.tensor(self.offsets, dtype=torch.int64, device=device)
 
-    def difference(self, other: MaskLayout) -> str | None:
-        """None if equal, else a sentence naming the first difference."""
+    def difference(self, other: MaskLayout, mine: str = "the first", theirs: str = "the second") -> str | None:
+        """None if equal, else a sentence naming the first difference (`mine`/`theirs` label the two)."""
         for i, (a, b) in enumerate(zip(self.names, other.names)):
             if a != b:
-                return f"tensor #{i} is {a!r} in one layout and {b!r} in the other"
+                return f"tensor #{i} is {a!r} in {mine} but {b!r} in {theirs}"
             if self.shapes[i] != other.shapes[i]:
-                return f"tensor {a!r} has shape {list(self.shapes[i])} in one layout and {list(other.shapes[i])} in the other"
+                return (f"tensor {a!r} has shape {list(self.shapes[i])} in {mine} but "
+                        f"{list(other.shapes[i])} in {theirs}")
         if len(self.names) != len(other.names):
-            longer, extra = (self, other) if len(self.names) > len(other.names) else (other, self)
-            name = longer.names[len(extra.names)]
-            return f"one layout has {len(self.names)} tensors, the other {len(other.names)} (first extra: {name!r})"
+            longer = self if len(self.names) > len(other.names) else other
+            name = longer.names[min(len(self.names), len(other.names))]
+            return (f"{mine} has {len(self.names)} tensors, {theirs} {len(other.names)} "
+                    f"(first extra: {name!r})")
         return None
 
-    def check_same(self, other: MaskLayout, what: str = "masks") -> None:
-        diff = self.difference(other)
+    def check_same(self, other: MaskLayout, mine: str = "the first", theirs: str = "the second") -> None:
+        diff = self.difference(other, mine, theirs)
         if diff is not None:
-            raise ValueError(f"{what} have different layouts: {diff}")
+            raise ValueError(f"mask layouts differ: {diff}")
 
     def to_json(self) -> str:
         return json.dumps({"names": list(self.names), "shapes": [list(s) for s in self.shapes]})
@@ -225,7 +227,7 @@ class ParamMask:
     def _binary(self, other: ParamMask, op: int, symbol: str) -> ParamMask:
         if not isinstance(other, ParamMask):
             return NotImplemented
-        self.layout.check_same(other.layout, f"ParamMask {symbol}: the two masks")
+        self.layout.check_same(other.layout, f"the left operand of {symbol}", "the right one")
         if other.device != self.device:
             raise ValueError(f"ParamMask {symbol}: masks on {self.device} and {other.device}")
         return ParamMask(self.layout, _ops.mask_binary(self.words, other.words, op))
@@ -285,7 +287,7 @@ class ParamMask:
             stored = MaskLayout.from_json(meta["layout"])
             words = f.get_tensor("words")
         if layout is not None:
-            diff = layout.difference(stored)
+            diff = layout.difference(stored, "the expected layout", "the file")
             if diff is not None:
                 raise ValueError(f"mask file {path} does not match the expected layout: {diff}")
         return cls(stored, words.to(device))
