@@ -42,7 +42,7 @@ cuda-check: install
 		pyinc=$$($(PY) -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
 		for f in $(CU_SOURCES); do \
 			echo "cuda-check: nvcc -c $$f"; \
-			nvcc -c -std=c++20 -O0 --expt-relaxed-constexpr -DCPIFT_WITH_CUDA $$inc -idirafter $(CUDA_CHECK_DIR) -I$$pyinc \
+			nvcc -c -std=c++20 -O0 --expt-relaxed-constexpr -DCPIFT_WITH_CUDA $$inc -I$(CUDA_CHECK_DIR) -I$$pyinc \
 				"$$f" -o $(CUDA_CHECK_DIR)/$$(basename $$f).o || exit 1; \
 		done; \
 	else echo "cuda-check: no nvcc or no .cu sources, skipped"; fi
