@@ -9,8 +9,13 @@ from ._ops import BackendUnavailable, backend_info
 from .mask import MaskLayout, ParamMask
 
 # masked AdamW (issue 3)
+from .optim import MaskedAdamW, masked_grad_norm  # noqa: E402
 # core selection (issue 4)
+from .io import ShardedWriter, TensorSource, open_tensors, save_sharded  # noqa: E402
+from .select import CoreMask, SelectionInfo, core_region  # noqa: E402
 # overlap and fusion (issue 5)
+from .fuse import fuse_models, slerp  # noqa: E402
+from .overlap import group_tasks, jaccard_matrix, order_stages, overlap_counts, plot_overlap  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -31,8 +31,15 @@ TRITON_MODULE: dict[str, str] = {
     "mask_popcount": "mask",
     "mask_binary": "mask",
     # masked AdamW (issue 3)
+    "masked_adamw_": "adamw",
+    "masked_grad_sq_norm": "adamw",
     # core selection (issue 4)
+    "select_histogram": "select",
+    "select_mask": "select",
     # overlap and fusion (issue 5)
+    "overlap_counts": "overlap",
+    "slerp_stats": "fuse",
+    "slerp_apply": "fuse",
 }
 
 # Ops whose CUDA C++ kernel measured faster than the Triton one on a GPU (bench/results/).
@@ -234,12 +241,114 @@ def mask_binary(a: torch.Tensor, b: torch.Tensor, op: int) -> torch.Tensor:
 # masked AdamW ops (issue 3)
 # ---------------------------------------------------------------------------------------------
 
+def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                  exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
+                  frozen: list[torch.Tensor], steps: list[float], lr: float, beta1: float, beta2: float,
+                  weight_decay: float, eps: float, amsgrad: bool, maximize: bool,
+                  grad_scale: torch.Tensor | None = None) -> None:
+    """One AdamW step, in place, of every element whose frozen bit is clear.
+
+    frozen[i]: int32 words of params[i] (bit j = bit j % 32 of word j // 32), or [] for none frozen;
+    steps[i]: the step being taken (>= 1, bias corrections use it); max_exp_avg_sqs: [] unless
+    amsgrad; grad_scale: grads are divided by it (GradScaler). Frozen elements of params and of all
+    moments keep their bits. Trainable: p *= 1 - lr·wd; m = lerp(m, g, 1 - β1);
+    v = β2·v + (1 - β2)·g²; p -= lr/(1 - β1^t) · m / (sqrt(v)/sqrt(1 - β2^t) + eps).
+    """
+    if params:
+        call("masked_adamw_", params[0].device, params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen,
+             [float(s) for s in steps], float(lr), float(beta1), float(beta2), float(weight_decay), float(eps),
+             bool(amsgrad), bool(maximize), grad_scale)
+
+
+def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor]) -> torch.Tensor:
+    """float32[T]: sum of g² over the elements of grads[i] whose frozen bit is clear."""
+    if not grads:
+        return torch.zeros(0, dtype=torch.float32)
+    return call("masked_grad_sq_norm", grads[0].device, grads, frozen)
+
+
+@_FAKE_REGISTRARS.append
+def _adamw_fakes() -> None:
+    @torch.library.register_fake("cpift::masked_adamw_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, beta1, beta2, weight_decay,
+          eps, amsgrad, maximize, grad_scale):
+        return None
+
+    @torch.library.register_fake("cpift::masked_grad_sq_norm")
+    def _(grads, frozen):
+        return grads[0].new_empty((len(grads),), dtype=torch.float32)
+
 
 # ---------------------------------------------------------------------------------------------
 # core selection ops (issue 4)
 # ---------------------------------------------------------------------------------------------
 
+SELECT_BINS = (1 << 15, 1 << 16)  # histogram bins of level 0 (key >> 16) and level 1 (key & 0xffff)
+
+
+def select_histogram(base: torch.Tensor, tuned: torch.Tensor, level: int, prefix: int) -> torch.Tensor:
+    """int64 histogram of the nonzero keys, key = bits(fp32(base) − fp32(tuned)) & 0x7fffffff.
+
+    level 0: 32768 bins, bin = key >> 16. level 1: 65536 bins, bin = key & 0xffff, only keys with
+    key >> 16 == prefix. Zero keys are never counted; Inf/NaN land in bins >= 0x7f80 of level 0.
+    """
+    return call("select_histogram", base.device, base, tuned, level, prefix)
+
+
+def select_mask(base: torch.Tensor, tuned: torch.Tensor, threshold: int,
+                tie_budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 words, int64 n_eq): bit i set iff key > threshold, or key == threshold and i is among
+    the first `tie_budget` such elements in flat order; n_eq counts the keys equal to threshold."""
+    return call("select_mask", base.device, base, tuned, threshold, tie_budget)
+
+
+@_FAKE_REGISTRARS.append
+def _select_fakes() -> None:
+    @torch.library.register_fake("cpift::select_histogram")
+    def _(base, tuned, level, prefix):
+        return base.new_empty((SELECT_BINS[1 if level else 0],), dtype=torch.int64)
+
+    @torch.library.register_fake("cpift::select_mask")
+    def _(base, tuned, threshold, tie_budget):
+        return (base.new_empty(((base.numel() + 31) // 32,), dtype=torch.int32),
+                base.new_empty((), dtype=torch.int64))
+
 
 # ---------------------------------------------------------------------------------------------
 # overlap and fusion ops (issue 5)
 # ---------------------------------------------------------------------------------------------
+
+def overlap_counts(masks: list[torch.Tensor]) -> torch.Tensor:
+    """int64[T, T]: popcount(masks[i] & masks[j]) for T int32 word buffers of one length, one pass."""
+    device = masks[0].device if masks else torch.device("cpu")
+    return call("overlap_counts", device, list(masks))
+
+
+def slerp_stats(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None = None) -> torch.Tensor:
+    """float64[3] = (Σ u·v, Σ u², Σ v²), u = a − base, v = b − base (fp32 math, fp64 sums), one pass."""
+    return call("slerp_stats", a.device, a, b, base)
+
+
+def slerp_apply(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, c0: float, c1: float, c2: float,
+                values: list[torch.Tensor], words: list[torch.Tensor], rule: int) -> torch.Tensor:
+    """c0·a + c1·b + c2·base in a's dtype, with values[k] transplanted where words[k] has a bit set."""
+    return call("slerp_apply", a.device, a, b, base, float(c0), float(c1), float(c2), list(values), list(words),
+                int(rule))
+
+
+@_FAKE_REGISTRARS.append
+def _overlap_fuse_fakes() -> None:
+    if not hasattr(torch.ops.cpift, "slerp_apply"):  # an extension built before these ops existed
+        return
+
+    @torch.library.register_fake("cpift::overlap_counts")
+    def _(masks):
+        return masks[0].new_empty((len(masks), len(masks)), dtype=torch.int64)
+
+    @torch.library.register_fake("cpift::slerp_stats")
+    def _(a, b, base):
+        return a.new_empty((3,), dtype=torch.float64)
+
+    @torch.library.register_fake("cpift::slerp_apply")
+    def _(a, b, base, c0, c1, c2, values, words, rule):
+        return torch.empty_like(a, memory_format=torch.contiguous_format)

@@ -1,0 +1,459 @@
+"""Fusion (CPI-FT stage 3): core transplant + per-tensor SLERP, streamed over checkpoints.
+
+SLERP of one tensor pair (mergekit-compatible). With u, v the flattened tensors in fp32 (``space=
+"weights"``: u = a, v = b; ``space="task_vector"``: u = a − base, v = b − base) and
+``cos = u·v / (|u| |v|)``::
+
+    t == 0                      -> a, exactly
+    |u| <= eps or |v| <= eps    -> lerp  (1 − t)·a + t·b          (improvement over mergekit, which
+                                                                   blends unnormalised vectors)
+    |cos| > dot_threshold       -> lerp  (nearly collinear or anti-parallel, as mergekit)
+    otherwise, θ = arccos(cos):    s0 = sin((1 − t)·θ) / sin θ,  s1 = sin(t·θ) / sin θ
+                                   weights:      s0·a + s1·b
+                                   task vectors: base + s0·(a − base) + s1·(b − base)
+
+computed in fp32 and rounded to a's dtype (the backbone's). One fused reduction pass gives u·v,
+|u|², |v|² (fp64 accumulation); the coefficients are scalar math; one fused elementwise pass
+writes the blend (and, in ``fuse_models``, the core transplant).
+
+More than one task model (the fold). The K task models are first folded into one, in the order
+given, with ``t_i = 1 / (i + 1)`` (i = 0-based task index)::
+
+    m = task_0;  for i = 1 .. K−1:  m = slerp(1 / (i + 1), m, task_i)     (fp32, same space)
+    result = slerp(t, backbone, m)
+
+In the lerp limit every task gets weight 1/K; SLERP is not associative, so with large angles the
+result depends on the task order (reorder ``tasks`` to change it). K = 1 is plain
+``slerp(t, backbone, task_0)``.
+
+Core transplant. Where bit i of task k's core mask is set, element i of the result is task k's
+value — a bit-exact copy when the task tensor has the backbone's dtype (otherwise it is cast to
+the backbone dtype first, and ``stats["cast_cores"]`` lists those tensors). An element in several
+cores is decided by ``overlap_rule``: ``"last"`` (the last such task in the given order — the
+latest stage when tasks are listed in stage order), ``"first"``, or ``"mean"`` (fp32 mean of the
+tasks' values, rounded to the backbone dtype; no longer a copy of any one task).
+
+``t`` may be a number, a list of anchors interpolated linearly over the layer index (mergekit's
+"gradient": anchor positions are evenly spaced over layers 0 .. L−1; tensors outside numbered
+layers take the first anchor if their name marks an input embedding — ``embed``, ``wte``, ``wpe``
+— and the last anchor otherwise: final norm, lm_head; as mergekit's pre/post weights), or a dict of name filters ``{pattern: number or anchors}``
+matched with ``re.search`` in insertion order, where the key ``"default"`` (or ``"*"``) catches
+the rest. Every t must lie in [0, 1].
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from . import _ops, reference
+from .io import ShardedWriter, TensorSource, open_tensors
+from .mask import ParamMask
+
+OVERLAP_RULES = {"last": 0, "first": 1, "mean": 2}
+SPACES = ("weights", "task_vector")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+_EMBED_RE = re.compile(r"embed|(?:^|\.)(?:wte|wpe)(?:\.|$)")
+
+
+# ---------------------------------------------------------------------------------------------
+# one tensor pair
+# ---------------------------------------------------------------------------------------------
+
+def slerp_coefficients(t: float, stats: torch.Tensor | Sequence[float], *, task_vector: bool = False,
+                       dot_threshold: float = 0.9995, eps: float = 1e-8) -> tuple[float, float, float, dict]:
+    """(c0, c1, c2, info) such that the blend is ``c0·a + c1·b + c2·base``.
+
+    ``stats`` = (u·v, |u|², |v|²) from one reduction pass. ``info``: ``mode`` ("copy", "slerp",
+    "lerp_collinear", "lerp_zero_norm"), ``angle_deg`` (NaN when a norm is ~0) and ``cos``.
+    """
+    dot, uu, vv = (float(x) for x in stats)
+    if not all(math.isfinite(x) for x in (dot, uu, vv)):
+        raise ValueError(f"non-finite values in the tensors (u·v={dot}, |u|²={uu}, |v|²={vv})")
+    nu, nv = math.sqrt(uu), math.sqrt(vv)
+    if nu <= eps or nv <= eps:
+        cos = float("nan")
+    else:
+        cos = max(-1.0, min(1.0, dot / (nu * nv)))
+    info = {"cos": cos, "angle_deg": math.degrees(math.acos(cos)) if cos == cos else float("nan")}
+    if t == 0:
+        return 1.0, 0.0, 0.0, {**info, "mode": "copy"}
+    if cos != cos:
+        return 1.0 - t, t, 0.0, {**info, "mode": "lerp_zero_norm"}
+    if abs(cos) > dot_threshold:
+        return 1.0 - t, t, 0.0, {**info, "mode": "lerp_collinear"}
+    theta = math.acos(cos)
+    sin_theta = math.sin(theta)
+    s0 = math.sin(theta - theta * t) / sin_theta
+    s1 = math.sin(theta * t) / sin_theta
+    return s0, s1, (1.0 - s0 - s1) if task_vector else 0.0, {**info, "mode": "slerp"}
+
+
+def _check_t(t: Any, where: str) -> float:
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0.0 <= float(t) <= 1.0):
+        raise ValueError(f"t must be a number in [0, 1], got {t!r} ({where})")
+    return float(t)
+
+
+def _resolve_space(space: str | None, base) -> bool:
+    if space is None:
+        return base is not None
+    if space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {space!r}")
+    if space == "task_vector" and base is None:
+        raise ValueError("space='task_vector' needs base (the pre-trained weights θ0)")
+    return space == "task_vector"
+
+
+def _slerp_pair(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, task_vector: bool,
+                dot_threshold: float, eps: float, values=(), words=(), rule: int = 0, name: str = "tensor"):
+    """Fused stats + apply for one pair (plus optional transplant) -> (result in a's dtype, info)."""
+    base = base if task_vector else None
+    ops = _ops if a.dtype in _KERNEL_DTYPES and b.dtype in _KERNEL_DTYPES and \
+        (base is None or base.dtype in _KERNEL_DTYPES) else reference
+    if t == 0:  # 1·a + 0·a keeps every bit of a, signed zeros included
+        stats, b = torch.zeros(3, dtype=torch.float64), a
+    else:
+        stats = ops.slerp_stats(a, b, base)
+    try:
+        c0, c1, c2, info = slerp_coefficients(t, stats, task_vector=task_vector, dot_threshold=dot_threshold, eps=eps)
+    except ValueError as exc:
+        raise ValueError(f"slerp of {name}: {exc}") from None
+    out = ops.slerp_apply(a, b, base if c2 != 0.0 else None, c0, c1, c2, list(values), list(words), rule)
+    return out, info
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8,
+          space: str | None = None, base: torch.Tensor | None = None, return_info: bool = False):
+    """Spherical interpolation of two tensors of one shape (see the module doc for the exact math).
+
+    Result: a's dtype and shape (contiguous); ``t = 0`` gives a exactly. With ``return_info``
+    returns ``(result, info)`` where info holds ``mode``, ``angle_deg`` and ``cos``.
+    """
+    t = _check_t(t, "slerp")
+    if a.shape != b.shape:
+        raise ValueError(f"slerp: a has shape {list(a.shape)}, b has shape {list(b.shape)}")
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise TypeError(f"slerp needs floating-point tensors, got {a.dtype} and {b.dtype}")
+    task_vector = _resolve_space(space, base)
+    if base is not None and base.shape != a.shape:
+        raise ValueError(f"slerp: base has shape {list(base.shape)}, a has shape {list(a.shape)}")
+    if b.device != a.device or (base is not None and base.device != a.device):
+        raise ValueError("slerp: a, b and base must be on one device")
+    out, info = _slerp_pair(t, a, b, base, task_vector, dot_threshold, eps)
+    return (out, info) if return_info else out
+
+
+# ---------------------------------------------------------------------------------------------
+# t schedules
+# ---------------------------------------------------------------------------------------------
+
+def layer_index(name: str) -> int | None:
+    """The layer number in a tensor name (``model.layers.7.mlp...`` -> 7), or None."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _interp(anchors: Sequence[float], frac: float) -> float:
+    if len(anchors) == 1:
+        return float(anchors[0])
+    pos = frac * (len(anchors) - 1)
+    lo = min(int(math.floor(pos)), len(anchors) - 2)
+    w = pos - lo
+    return float(anchors[lo]) * (1.0 - w) + float(anchors[lo + 1]) * w
+
+
+class TSchedule:
+    """Resolves t per tensor name from a number, per-layer anchors, or {name filter: value}."""
+
+    def __init__(self, spec: Any, names: Sequence[str]):
+        self.spec = spec
+        self.rules: list[tuple[re.Pattern | None, Any]] = []
+        if isinstance(spec, Mapping):
+            if not spec:
+                raise ValueError("t: an empty filter dict")
+            for key, value in spec.items():
+                pattern = None if key in ("default", "*") else re.compile(str(key))
+                self.rules.append((pattern, self._check_value(value, f"t[{key!r}]")))
+        else:
+            self.rules.append((None, self._check_value(spec, "t")))
+        layers = [i for i in map(layer_index, names) if i is not None]
+        self.num_layers = max(layers) + 1 if layers else 0
+
+    @staticmethod
+    def _check_value(value: Any, where: str):
+        if isinstance(value, (list, tuple)):
+            if not value:
+                raise ValueError(f"{where}: an empty anchor list")
+            return [_check_t(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return _check_t(value, where)
+
+    def __call__(self, name: str) -> float:
+        for pattern, value in self.rules:
+            if pattern is None or pattern.search(name):
+                break
+        else:
+            raise ValueError(f"t: no filter matches tensor {name!r}; add a 'default' entry")
+        if not isinstance(value, list):
+            return value
+        layer = layer_index(name)
+        if layer is None:
+            return value[0] if _EMBED_RE.search(name) else value[-1]
+        return _interp(value, layer / (self.num_layers - 1) if self.num_layers > 1 else 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole models
+# ---------------------------------------------------------------------------------------------
+
+def _named(items: Any, what: str) -> dict[str, Any]:
+    if isinstance(items, Mapping):
+        return {str(k): v for k, v in items.items()}
+    if isinstance(items, (list, tuple)):
+        return {f"task{i}": v for i, v in enumerate(items)}
+    raise TypeError(f"{what} must be a dict {{name: ...}} or a list, got {type(items).__name__}")
+
+
+def _load_core(core: Any, task: str) -> ParamMask:
+    if isinstance(core, ParamMask):
+        return core.to("cpu")
+    if isinstance(core, (str, os.PathLike)):
+        return ParamMask.load(core)
+    raise TypeError(f"core of task {task!r} must be a ParamMask or a .mask path, got {type(core).__name__}")
+
+
+def _copy_config_files(src: Any, out: str) -> list[str]:
+    """Carry config / tokenizer files of a backbone directory (or a transformers model's config)."""
+    copied = []
+    if isinstance(src, (str, os.PathLike)) and os.path.isdir(src):
+        for fname in sorted(os.listdir(src)):
+            path = os.path.join(src, fname)
+            if not os.path.isfile(path) or fname.endswith(".safetensors") or fname.endswith(".index.json") \
+                    or fname.endswith((".bin", ".pt", ".pth", ".mask")):
+                continue
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out)
+            os.close(fd)
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, os.path.join(out, fname))
+            copied.append(fname)
+    elif hasattr(src, "config") and hasattr(src.config, "to_json_string"):
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out)
+        with os.fdopen(fd, "w") as f:
+            f.write(src.config.to_json_string())
+        os.replace(tmp, os.path.join(out, "config.json"))
+        copied.append("config.json")
+    return copied
+
+
+def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any], cores: Mapping[str, Any] | Sequence[Any] | None,
+                *, t: Any = 0.5, base: Any = None, overlap_rule: str = "last", out: str | os.PathLike | None = None,
+                space: str | None = None, dot_threshold: float = 0.9995, eps: float = 1e-8,
+                max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True):
+    """Fuse task models into a backbone: core transplant + SLERP of everything else.
+
+    ``backbone``, each task and ``base`` may be an nn.Module, a {name: tensor} dict, a
+    .safetensors file or a (sharded) checkpoint directory; they are read one tensor at a time.
+    ``tasks``: {name: model} (order = fold order and "last"/"first" order) or a list;
+    ``cores``: {task name: ParamMask or .mask path} with the same names (None: no transplant).
+    ``space``: "weights" or "task_vector" (default: "task_vector" when ``base`` is given).
+
+    Returns ``(state_dict, stats)``, or with ``out=DIR`` ``(DIR, stats)`` after streaming the result
+    to sharded safetensors + index in DIR (atomically; config/tokenizer files of a backbone
+    directory are copied along). ``stats``: per-tensor t, angle, mode and transplanted counts, and
+    totals (``modes``, ``transplanted``, ``overlapping``, ``elements``).
+    """
+    if overlap_rule not in OVERLAP_RULES:
+        raise ValueError(f"overlap_rule must be one of {', '.join(OVERLAP_RULES)}, got {overlap_rule!r}")
+    rule = OVERLAP_RULES[overlap_rule]
+    task_vector = _resolve_space(space, base)
+    task_models = _named(tasks, "tasks")
+    if not task_models:
+        raise ValueError("fuse_models needs at least one task model")
+    core_masks: dict[str, ParamMask] = {}
+    if cores is not None:
+        named_cores = _named(cores, "cores")
+        if set(named_cores) != set(task_models):
+            raise ValueError(f"cores are given for tasks {sorted(named_cores)} but the tasks are {sorted(task_models)}")
+        core_masks = {k: _load_core(named_cores[k], k) for k in task_models}
+        first = next(iter(core_masks))
+        for k, m in core_masks.items():
+            core_masks[first].layout.check_same(m.layout, f"core masks of {first!r} and {k!r}")
+
+    bb = open_tensors(backbone, "backbone")
+    srcs = {k: open_tensors(v, f"task {k!r}") for k, v in task_models.items()}
+    base_src = open_tensors(base, "base") if base is not None else None
+    names = list(bb.names)
+    _check_sources(bb, srcs, base_src, core_masks)
+    schedule = TSchedule(t, names)
+
+    stats: dict[str, Any] = {"tensors": {}, "modes": {}, "transplanted": 0, "overlapping": 0, "elements": 0,
+                             "cast_cores": [], "space": "task_vector" if task_vector else "weights",
+                             "overlap_rule": overlap_rule, "tasks": list(task_models)}
+    layout = next(iter(core_masks.values())).layout if core_masks else None
+    result: dict[str, torch.Tensor] = {}
+    writer = ShardedWriter(out, max_shard_size, metadata={"producer": "cpift_fast.fuse_models"},
+                           overwrite=overwrite) if out is not None else None
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=sum(bb.numel(n) for n in names), unit="el", unit_scale=True, desc="fuse", disable=not progress)
+    try:
+        if writer is not None:
+            writer.__enter__()
+        for name in names:
+            fused, entry = _fuse_tensor(name, bb, srcs, base_src, core_masks, layout, schedule(name), task_vector,
+                                        rule, dot_threshold, eps, stats)
+            stats["tensors"][name] = entry
+            if writer is not None:
+                writer.add(name, fused)
+            else:
+                result[name] = fused
+            bar.update(bb.numel(name))
+        if writer is not None:
+            writer.__exit__(None, None, None)
+            writer = None
+    except BaseException as exc:
+        if writer is not None:
+            writer.__exit__(type(exc), exc, exc.__traceback__)
+        raise
+    finally:
+        bar.close()
+        for s in [bb, *srcs.values(), *([base_src] if base_src is not None else [])]:
+            s.close()
+    if out is not None:
+        out = os.fspath(out)
+        stats["copied_files"] = _copy_config_files(backbone, out)
+        return out, stats
+    return result, stats
+
+
+def _check_sources(bb: TensorSource, srcs: dict[str, TensorSource], base: TensorSource | None,
+                   cores: dict[str, ParamMask]) -> None:
+    """Every tensor of the backbone must exist, with its shape, in every task (and base); every
+    tensor a core covers must exist in the backbone with the core's shape."""
+    others = list(srcs.items()) + ([("base", base)] if base is not None else [])
+    for name in bb.names:
+        shape = bb.shape(name)
+        for k, src in others:
+            what = "base" if k == "base" and src is base else f"task {k!r}"
+            if name not in src:
+                raise KeyError(f"{what} ({src.description}) has no tensor {name!r}, which the backbone has")
+            if src.shape(name) != shape:
+                raise ValueError(f"tensor {name!r} has shape {list(src.shape(name))} in {what}, "
+                                 f"{list(shape)} in the backbone")
+    if cores:
+        layout = next(iter(cores.values())).layout
+        for name, shape in zip(layout.names, layout.shapes):
+            if name not in bb:
+                raise KeyError(f"the core masks cover tensor {name!r}, which the backbone ({bb.description}) lacks")
+            if tuple(bb.shape(name)) != tuple(shape):
+                raise ValueError(f"the core masks give tensor {name!r} shape {list(shape)}, the backbone has "
+                                 f"{list(bb.shape(name))}")
+
+
+def _fuse_tensor(name, bb, srcs, base_src, core_masks, layout, t, task_vector, rule, dot_threshold, eps, stats):
+    a = bb.get(name)
+    entry: dict[str, Any] = {"t": t, "numel": a.numel()}
+    stats["elements"] += a.numel()
+    if not a.is_floating_point():
+        entry["mode"] = "copy_non_float"
+        stats["modes"]["copy_non_float"] = stats["modes"].get("copy_non_float", 0) + 1
+        return a.clone(), entry
+    base = base_src.get(name) if (base_src is not None and task_vector) else None
+    models = [src.get(name) for src in srcs.values()]
+    fold_modes = []
+    m = models[0]
+    for i in range(1, len(models)):
+        m = m.float() if m.dtype != torch.float32 else m
+        m, info = _slerp_pair(1.0 / (i + 1), m, models[i], base, task_vector, dot_threshold, eps, name=name)
+        fold_modes.append(info["mode"])
+    values, words = [], []
+    if layout is not None and name in layout.index:
+        for k, v in zip(srcs, models):
+            if v.dtype != a.dtype:
+                if name not in stats["cast_cores"]:
+                    stats["cast_cores"].append(name)
+                v = v.to(a.dtype)
+            values.append(v)
+            words.append(core_masks[k].tensor_words(name))
+    fused, info = _slerp_pair(t, a, m, base, task_vector, dot_threshold, eps, values, words, rule, name=name)
+    if fused.shape != a.shape:
+        fused = fused.view(a.shape)
+    entry.update(mode=info["mode"], angle_deg=info["angle_deg"], fold_modes=fold_modes)
+    stats["modes"][info["mode"]] = stats["modes"].get(info["mode"], 0) + 1
+    for mode in fold_modes:
+        stats["modes"][f"fold_{mode}"] = stats["modes"].get(f"fold_{mode}", 0) + 1
+    if words:
+        seen = torch.zeros_like(words[0])
+        multi = torch.zeros_like(words[0])
+        for w in words:
+            multi |= seen & w
+            seen |= w
+        offs = torch.tensor([0, seen.numel()], dtype=torch.int64)
+        entry["transplanted"] = int(_ops.mask_popcount(seen, offs)[0])
+        entry["overlapping"] = int(_ops.mask_popcount(multi, offs)[0])
+        stats["transplanted"] += entry["transplanted"]
+        stats["overlapping"] += entry["overlapping"]
+    return fused, entry
+
+
+def _parse_t(text: str):
+    import json
+
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise SystemExit(f"-t must be a number or JSON (anchor list or filter dict), got {text!r}") from None
+
+
+def run_cli(args) -> int:
+    """`cpift fuse --backbone DIR --task NAME=DIR:MASK ... -t 0.5 -o OUT`."""
+    import json
+
+    tasks: dict[str, str] = {}
+    cores: dict[str, str] = {}
+    for spec in args.task:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest:
+            raise SystemExit(f"--task must be NAME=DIR[:MASK], got {spec!r}")
+        if name in tasks:
+            raise SystemExit(f"--task {name!r} given twice")
+        path, mask = rest, None
+        if ":" in rest:
+            head, _, tail = rest.rpartition(":")
+            if tail.endswith(".mask") or os.path.isfile(tail):
+                path, mask = head, tail
+        tasks[name] = path
+        if mask is not None:
+            cores[name] = mask
+    if cores and set(cores) != set(tasks):
+        raise SystemExit(f"give a core mask for every task or for none (masks for {sorted(cores)} only)")
+    out, stats = fuse_models(args.backbone, tasks, cores or None, t=_parse_t(args.t), base=args.base,
+                             overlap_rule=args.overlap_rule, out=args.output, space=args.space,
+                             dot_threshold=args.dot_threshold, max_shard_size=args.max_shard_size,
+                             overwrite=args.overwrite, progress=not args.no_progress)
+    angles = [e["angle_deg"] for e in stats["tensors"].values() if e.get("angle_deg") == e.get("angle_deg")
+              and "angle_deg" in e]
+    print(f"fused {len(stats['tensors'])} tensors ({stats['elements']} elements) into {out}")
+    print(f"modes: {stats['modes']}")
+    print(f"transplanted {stats['transplanted']} core elements ({stats['overlapping']} in more than one core, "
+          f"rule {stats['overlap_rule']!r})")
+    if angles:
+        print(f"angle (deg, {stats['space']}): min {min(angles):.3f}  median {sorted(angles)[len(angles) // 2]:.3f}  "
+              f"max {max(angles):.3f}")
+    if args.stats:
+        with open(args.stats, "w") as f:
+            json.dump(stats, f, indent=2, default=str)
+    return 0

@@ -1,0 +1,370 @@
+"""Checkpoint streaming: read named tensors one at a time, write sharded safetensors atomically.
+
+Contract
+--------
+Reading — ``open_tensors(src) -> TensorSource`` accepts
+
+- an ``nn.Module``: its ``named_parameters()`` (``remove_duplicate=True``: a tied/shared weight
+  appears once, under the first name it is registered with — the same list an optimizer sees),
+- a mapping ``{name: tensor}`` (insertion order) or a list of ``(name, tensor)`` pairs,
+- a ``.safetensors`` file,
+- a checkpoint directory: ``model.safetensors.index.json`` + the shards it names (as transformers
+  writes), else ``model.safetensors``, else every ``*.safetensors`` in it (a name in two files is
+  an error),
+- an existing ``TensorSource`` (returned as is).
+
+``names`` is a deterministic order: for modules, mappings and pairs the order given; for files and
+directories the *natural* order of the names (digit runs compare as numbers, so ``layers.2``
+precedes ``layers.10``), which does not depend on how tensors were spread over shards.
+``shape(name)``, ``dtype(name)`` and ``numel(name)`` read only the headers. ``get(name)`` returns one
+tensor (read through the safetensors mmap for files); iterating yields ``(name, tensor)`` pairs in
+``names`` order, so a consumer that drops each tensor before the next holds one at a time.
+Tensors from modules are returned detached (no copy).
+
+Writing — ``ShardedWriter(path, max_shard_size=...)`` is a context manager; ``add(name, tensor)``
+writes the tensor's bytes to the current shard at once (nothing is buffered), and on a clean exit
+the shards are renamed ``model-0000i-of-0000N.safetensors``, ``model.safetensors.index.json`` (the
+transformers format, ``metadata.total_size`` in bytes) is written, and the temporary directory is
+renamed into place (atomic: readers see the old directory or the complete new one; on an error the
+temporary directory is removed). Every shard header carries ``{"format": "pt"}`` plus the
+``metadata`` given. A shard is closed before a tensor that would push it past ``max_shard_size``
+(a single bigger tensor gets a shard of its own). Each shard's header is written into space
+reserved at its start and padded with spaces (allowed by the safetensors format); a header that
+outgrows the reservation is handled by rewriting that one shard through a stream copy.
+``save_sharded(tensors, path)`` wraps it for anything ``open_tensors`` accepts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_ST_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}
+_TORCH_TO_ST = {v: k for k, v in _ST_TO_TORCH.items()}
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key: digit runs compare as integers (``layers.2`` < ``layers.10``)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part)
+
+
+class TensorSource:
+    """Named tensors with headers known up front and data fetched one tensor at a time."""
+
+    def __init__(self, names, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
+                 fetch, description: str, close=None):
+        self.names: tuple[str, ...] = tuple(names)
+        self._shapes = dict(shapes)
+        self._dtypes = dict(dtypes)
+        self._fetch = fetch
+        self._close = close
+        self.description = description
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._shapes[self._check(name)]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._dtypes[self._check(name)]
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._fetch(self._check(name))
+
+    def _check(self, name: str) -> str:
+        if name not in self._shapes:
+            raise KeyError(f"{self.description} has no tensor named {name!r} "
+                           f"({len(self.names)} tensors, e.g. {list(self.names[:3])})")
+        return name
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._shapes
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.names:
+            yield name, self._fetch(name)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        return iter(self)
+
+    @property
+    def total_numel(self) -> int:
+        return sum(self.numel(n) for n in self.names)
+
+    @property
+    def is_streamed(self) -> bool:
+        """True when tensors are read from files (not held in memory by the caller)."""
+        return self._close is not None
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TensorSource({self.description}, {len(self.names)} tensors)"
+
+
+def _in_memory(pairs: list[tuple[str, torch.Tensor]], description: str) -> TensorSource:
+    table: dict[str, torch.Tensor] = {}
+    for name, t in pairs:
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise TypeError(f"{description}: expected (str, Tensor) items, got ({type(name).__name__}, "
+                            f"{type(t).__name__})")
+        if name in table:
+            raise ValueError(f"{description}: tensor name {name!r} appears twice")
+        table[name] = t.detach()
+    return TensorSource(table.keys(), {n: tuple(t.shape) for n, t in table.items()},
+                        {n: t.dtype for n, t in table.items()}, table.__getitem__, description)
+
+
+def _safetensors_files(files: list[str], description: str) -> TensorSource:
+    from safetensors import safe_open
+
+    handles = {}
+    where: dict[str, str] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, torch.dtype] = {}
+    try:
+        for path in files:
+            handle = safe_open(path, framework="pt", device="cpu")
+            handles[path] = handle
+            for name in handle.keys():
+                if name in where:
+                    raise ValueError(f"{description}: tensor {name!r} is in both {where[name]} and {path}")
+                where[name] = path
+                sl = handle.get_slice(name)
+                shapes[name] = tuple(sl.get_shape())
+                st_dtype = sl.get_dtype()
+                if st_dtype not in _ST_TO_TORCH:
+                    raise ValueError(f"{description}: tensor {name!r} has unsupported dtype {st_dtype}")
+                dtypes[name] = _ST_TO_TORCH[st_dtype]
+    except BaseException:
+        handles.clear()
+        raise
+    names = sorted(where, key=natural_key)
+    return TensorSource(names, shapes, dtypes, lambda name: handles[where[name]].get_tensor(name), description,
+                        close=handles.clear)
+
+
+def _directory(path: str) -> TensorSource:
+    index = os.path.join(path, INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index} has no 'weight_map' object")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard {missing[0]!r}, which is not in {path}")
+        source = _safetensors_files([os.path.join(path, f) for f in files], f"checkpoint {path}")
+        extra = set(source.names) - set(weight_map)
+        if extra or len(source.names) != len(weight_map):
+            absent = sorted(set(weight_map) - set(source.names), key=natural_key)
+            detail = f"{sorted(extra)[0]!r} is in a shard but not in the index" if extra else \
+                f"{absent[0]!r} is in the index but in no shard"
+            raise ValueError(f"{index} does not match its shards: {detail}")
+        return source
+    single = os.path.join(path, SINGLE_NAME)
+    if os.path.isfile(single):
+        return _safetensors_files([single], f"checkpoint {path}")
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} holds no {INDEX_NAME}, no {SINGLE_NAME} and no *.safetensors file")
+    return _safetensors_files([os.path.join(path, f) for f in files], f"checkpoint {path}")
+
+
+def open_tensors(src: Any, description: str | None = None) -> TensorSource:
+    """A TensorSource over a module, a mapping, (name, tensor) pairs, a safetensors file or directory."""
+    if isinstance(src, TensorSource):
+        return src
+    if isinstance(src, torch.nn.Module):
+        return _in_memory(list(src.named_parameters()), description or f"module {type(src).__name__}")
+    if isinstance(src, Mapping):
+        return _in_memory(list(src.items()), description or "tensor dict")
+    if isinstance(src, (str, os.PathLike)):
+        path = os.fspath(src)
+        if os.path.isdir(path):
+            return _directory(path)
+        if os.path.isfile(path):
+            return _safetensors_files([path], f"file {path}")
+        raise FileNotFoundError(f"no such checkpoint file or directory: {path}")
+    if isinstance(src, (list, tuple)):
+        return _in_memory(list(src), description or "tensor list")
+    raise TypeError(f"cannot read tensors from a {type(src).__name__}: pass an nn.Module, a dict of tensors, "
+                    f"(name, tensor) pairs, a .safetensors file or a checkpoint directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+
+_HEADER_RESERVE = 256 * 1024
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like '5GB', '500MB', '2GiB'."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot parse size {size!r}; use bytes or e.g. '5GB', '500MB', '2GiB'")
+    base = 1024 if m.group(3) else 1000
+    exp = " KMGT".index(m.group(2).upper() or " ")
+    return parse_size(int(float(m.group(1)) * base**exp))
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+class _Shard:
+    def __init__(self, path: str):
+        self.path = path
+        self.file = open(path, "wb")
+        self.file.write(b"\0" * _HEADER_RESERVE)
+        self.entries: dict[str, dict] = {}
+        self.size = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        data = _tensor_bytes(t)
+        self.file.write(data)
+        self.entries[name] = {"dtype": _TORCH_TO_ST[t.dtype], "shape": list(t.shape),
+                              "data_offsets": [self.size, self.size + data.nbytes]}
+        self.size += data.nbytes
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
+        room = _HEADER_RESERVE - 8
+        if len(header) <= room:
+            self.file.seek(0)
+            self.file.write(struct.pack("<Q", room) + header + b" " * (room - len(header)))
+            self.file.close()
+            return
+        # The header outgrew the reservation: rewrite this shard with a header of the right size.
+        self.file.close()
+        header += b" " * ((-len(header)) % 8)
+        tmp = self.path + ".rewrite"
+        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+            dst.write(struct.pack("<Q", len(header)) + header)
+            src.seek(_HEADER_RESERVE)
+            shutil.copyfileobj(src, dst, 16 << 20)
+        os.replace(tmp, self.path)
+
+
+class ShardedWriter:
+    """Write tensors one at a time into sharded safetensors + index; atomic on a clean exit.
+
+    >>> with ShardedWriter("out/ckpt", max_shard_size="5GB") as w:
+    ...     for name, t in tensors:
+    ...         w.add(name, t)
+    """
+
+    def __init__(self, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                 metadata: Mapping[str, str] | None = None, overwrite: bool = False):
+        self.path = os.path.abspath(os.fspath(path))
+        self.max_shard_size = parse_size(max_shard_size)
+        self.metadata = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+        self.overwrite = overwrite
+        self._tmp: str | None = None
+        self._shards: list[_Shard] = []
+        self._names: set[str] = set()
+
+    def __enter__(self) -> ShardedWriter:
+        if os.path.exists(self.path) and not self.overwrite:
+            raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        self._tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(self.path)}-", dir=parent)
+        return self
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._tmp is None:
+            raise RuntimeError("ShardedWriter.add outside its `with` block")
+        if name in self._names:
+            raise ValueError(f"ShardedWriter: tensor {name!r} added twice")
+        if tensor.dtype not in _TORCH_TO_ST:
+            raise TypeError(f"ShardedWriter: tensor {name!r} has dtype {tensor.dtype}, which safetensors cannot store")
+        nbytes = tensor.numel() * tensor.element_size()
+        if not self._shards or (self._shards[-1].size and self._shards[-1].size + nbytes > self.max_shard_size):
+            if self._shards:
+                self._shards[-1].finish(self.metadata)
+            self._shards.append(_Shard(os.path.join(self._tmp, f"shard-{len(self._shards)}.part")))
+        self._shards[-1].add(name, tensor)
+        self._names.add(name)
+
+    def _finish(self) -> None:
+        if not self._shards:
+            self._shards.append(_Shard(os.path.join(self._tmp, "shard-0.part")))
+        self._shards[-1].finish(self.metadata)
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, shard in enumerate(self._shards):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(shard.path, os.path.join(self._tmp, final))
+            weight_map.update({name: final for name in shard.entries})
+        total = sum(s.size for s in self._shards)
+        with open(os.path.join(self._tmp, INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total},
+                       "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0])))}, f, indent=2)
+        if os.path.exists(self.path):
+            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(self.path)}-", dir=os.path.dirname(self.path))
+            os.rename(self.path, os.path.join(old, "x"))
+            os.rename(self._tmp, self.path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self._tmp, self.path)
+        self._tmp = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            for shard in self._shards:
+                if not shard.file.closed:
+                    shard.file.close()
+            if self._tmp is not None:
+                shutil.rmtree(self._tmp, ignore_errors=True)
+                self._tmp = None
+
+
+def save_sharded(tensors: Any, path: str | os.PathLike, max_shard_size: int | str = "5GB",
+                 metadata: Mapping[str, str] | None = None, overwrite: bool = False) -> None:
+    """Stream anything ``open_tensors`` accepts into a sharded checkpoint directory at ``path``."""
+    source = open_tensors(tensors)
+    with ShardedWriter(path, max_shard_size, metadata, overwrite) as writer:
+        for name, t in source:
+            writer.add(name, t)

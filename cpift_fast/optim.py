@@ -1,0 +1,340 @@
+"""MaskedAdamW: torch's AdamW with a 1-bit-per-element frozen mask applied inside the fused step.
+
+Frozen elements are bit-exact: their parameter, exp_avg, exp_avg_sq and max_exp_avg_sq never change
+(no weight decay, no momentum drift). Every other element follows ``torch.optim.AdamW``::
+
+    p ← p·(1 − lr·wd);  m ← β1·m + (1 − β1)·g;  v ← β2·v + (1 − β2)·g²  (amsgrad: v ← max(v̂, v))
+    p ← p − lr/(1 − β1^t) · m / (√v / √(1 − β2^t) + eps)
+
+with t the parameter tensor's step count (one count per tensor, as in torch). With nothing frozen the
+result equals torch's AdamW. ``masked_grad_norm`` gives the L2 norm of the trainable gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from . import _ops
+from .mask import MaskLayout, ParamMask
+
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds: a DTensor's local shard, else the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _localize(words: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Mask words of the full tensor -> words of this process's shard of `param` (a DTensor).
+
+    The shard's block of the global index space is cut out of the unpacked bits and packed again,
+    so each shard's words start on a word boundary whatever its offset.
+    """
+    if not _is_dtensor(param):
+        return words
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    bits = _ops.mask_unpack(words, param.numel()).view(param.shape)
+    for dim, (start, length) in enumerate(zip(offset, local_shape)):
+        bits = bits.narrow(dim, start, length)
+    local = param.to_local()
+    if bits.numel() != local.numel():
+        raise ValueError(f"cannot localize the mask: the shard holds {local.numel()} elements, its block of the "
+                         f"global shape {list(param.shape)} has {bits.numel()}")
+    return _ops.mask_pack(bits.reshape(-1).to(local.device))
+
+
+def _frozen_words(named: list[tuple[str | None, torch.Tensor]],
+                  frozen: ParamMask | Mapping[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
+    """Per-tensor frozen words (local to each shard, on the tensor's device) for `named` tensors."""
+    out = []
+    if isinstance(frozen, ParamMask):
+        for name, p in named:
+            if name is None:
+                raise ValueError("a ParamMask is matched to parameters by name: pass model.named_parameters() "
+                                 "(or named param groups) instead of bare tensors, or a {param: bool} dict")
+            if name not in frozen.layout.index:
+                raise ValueError(f"frozen mask has no tensor named {name!r} (it covers {len(frozen.names)} tensors, "
+                                 f"e.g. {list(frozen.names[:3])}): the mask was built for other parameters")
+            shape = frozen.layout.shapes[frozen.layout.index[name]]
+            if shape != tuple(p.shape):
+                raise ValueError(f"frozen mask tensor {name!r} has shape {list(shape)}, the parameter has shape "
+                                 f"{list(p.shape)}")
+            out.append(_localize(frozen.tensor_words(name).to(_local(p).device), p))
+        return out
+    if isinstance(frozen, Mapping):
+        given = {id(key): bits for key, bits in frozen.items()}
+        known = {id(p) for _, p in named}
+        for key in frozen:
+            if id(key) not in known:
+                raise ValueError(f"frozen dict has a key of shape {list(key.shape)} that is not one of the "
+                                 f"parameters here")
+        for name, p in named:
+            bits = given.get(id(p))
+            label = repr(name) if name is not None else f"of shape {list(p.shape)}"
+            if bits is None:
+                out.append(torch.zeros((_local(p).numel() + 31) // 32, dtype=torch.int32, device=_local(p).device))
+                continue
+            if not isinstance(bits, torch.Tensor) or bits.dtype != torch.bool:
+                raise TypeError(f"frozen dict value for parameter {label} must be a bool tensor, got "
+                                f"{getattr(bits, 'dtype', type(bits).__name__)}")
+            if tuple(bits.shape) != tuple(p.shape):
+                raise ValueError(f"frozen dict value for parameter {label} has shape {list(bits.shape)}, the "
+                                 f"parameter has shape {list(p.shape)}")
+            words = _ops.mask_pack(_local(bits).reshape(-1).to(_local(p).device))
+            out.append(words if _is_dtensor(bits) else _localize(words, p))
+        return out
+    raise TypeError(f"frozen must be a ParamMask, a {{parameter: bool tensor}} dict or None; got "
+                    f"{type(frozen).__name__}")
+
+
+class MaskedAdamW(torch.optim.Optimizer):
+    """Drop-in ``torch.optim.AdamW`` that never touches frozen elements.
+
+    ``frozen``: a :class:`ParamMask` matched to parameters by name (``params`` must then be named:
+    ``model.named_parameters()`` or groups of (name, param) pairs; a missing name or another shape is
+    an error), or ``{parameter: bool tensor}`` (True = frozen). ``set_frozen`` changes it between
+    steps; with ``reset_on_unfreeze`` the moments of elements that become trainable are zeroed.
+    ``state_dtype=torch.float32`` keeps fp32 moments for bf16/fp16 params (default: param dtype).
+    ``lr`` may be a float or a one-element tensor. Works with LR schedulers, GradScaler (unscaling
+    and the inf-skip happen in the step), DDP, and FSDP2/DTensor params (each process steps its
+    local shard with the mask cut to it).
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 frozen: ParamMask | Mapping[torch.Tensor, torch.Tensor] | None = None,
+                 reset_on_unfreeze: bool = True, state_dtype: torch.dtype | None = None):
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError(f"lr as a tensor must hold one value, got shape {list(lr.shape)}")
+        if not float(lr) >= 0.0:
+            raise ValueError(f"Invalid learning rate: {float(lr)}")
+        if not eps >= 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        for i, beta in enumerate(betas):
+            if not 0.0 <= float(beta) < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if state_dtype not in (None, torch.float32):
+            raise ValueError(f"state_dtype must be None (the param dtype) or torch.float32, got {state_dtype}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize)
+        self._frozen: ParamMask | None = None  # the ParamMask in force (None: a dict mask, or nothing)
+        self._words: dict[int, torch.Tensor] = {}  # id(param) -> frozen words of its local tensor
+        super().__init__(params, defaults)
+        self.reset_on_unfreeze = reset_on_unfreeze
+        self.state_dtype = state_dtype
+        if frozen is not None:
+            self.set_frozen(frozen)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group; a ParamMask in force is matched to the new parameters too."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for name, p in zip(group.get("param_names", [None] * len(group["params"])), group["params"]):
+            label = repr(name) if name is not None else f"of shape {list(p.shape)}"
+            if p.dtype not in _DTYPES:
+                raise TypeError(f"MaskedAdamW: parameter {label} is {p.dtype}; float32, bfloat16 or float16 needed")
+            if not _local(p).is_contiguous():
+                raise ValueError(f"MaskedAdamW: parameter {label} is not contiguous (strides {_local(p).stride()})")
+        if self._frozen is not None:
+            self.set_frozen(self._frozen)
+
+    # ----- mask --------------------------------------------------------------------------------
+
+    def _named_params(self) -> list[tuple[str | None, torch.Tensor]]:
+        out = []
+        for group in self.param_groups:
+            names = group.get("param_names", [None] * len(group["params"]))
+            out.extend(zip(names, group["params"]))
+        return out
+
+    def set_frozen(self, frozen: ParamMask | Mapping[torch.Tensor, torch.Tensor] | None) -> None:
+        """Freeze exactly the elements set in `frozen` from the next step on (None: nothing frozen)."""
+        named = self._named_params()
+        if isinstance(frozen, ParamMask):
+            frozen = frozen.clone()  # the words below are views into it: later edits by the caller stay out
+        words = _frozen_words(named, frozen) if frozen is not None else None
+        if self.reset_on_unfreeze:
+            for k, (_, p) in enumerate(named):
+                old = self._words.get(id(p))
+                state = self.state.get(p)
+                if old is None or not state:
+                    continue
+                released = old if words is None else _ops.mask_binary(old, words[k], _ops.MASK_ANDNOT)
+                if not bool(released.any()):
+                    continue
+                bits = _ops.mask_unpack(released, _local(p).numel())
+                for key in _MOMENTS:
+                    if key in state:
+                        _local(state[key]).view(-1).masked_fill_(bits.to(_local(state[key]).device), 0)
+        self._frozen = frozen if isinstance(frozen, ParamMask) else None
+        self._words = {} if words is None else {id(p): w for (_, p), w in zip(named, words)}
+
+    def frozen_mask(self) -> ParamMask | dict | None:
+        """The mask in force: the ParamMask last given (a copy), for a dict mask {param: bool tensor}
+        (of the local shard for DTensor params), or None when nothing is frozen."""
+        if self._frozen is not None or not self._words:
+            return self._frozen
+        return {p: _ops.mask_unpack(self._words[id(p)], _local(p).numel()).view(_local(p).shape)
+                for _, p in self._named_params() if id(p) in self._words}
+
+    # ----- step --------------------------------------------------------------------------------
+
+    def _state_for(self, p: torch.Tensor, amsgrad: bool) -> dict:
+        state = self.state[p]
+        if not state:
+            dtype = self.state_dtype or p.dtype
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if amsgrad and "max_exp_avg_sq" not in state:
+            state["max_exp_avg_sq"] = torch.zeros_like(state["exp_avg_sq"], memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step of every trainable element. Under GradScaler the grads are unscaled inside
+        the step and a step with inf/NaN grads is skipped entirely (step counts included)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None and bool(found_inf.item()):
+            return loss
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            amsgrad = group["amsgrad"]
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, words, step_counts = [], [], [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("MaskedAdamW does not support sparse gradients")
+                state = self._state_for(p, amsgrad)
+                step_counts.append(state["step"])
+                params.append(_local(p))
+                grads.append(_local(p.grad))
+                exp_avgs.append(_local(state["exp_avg"]))
+                exp_avg_sqs.append(_local(state["exp_avg_sq"]))
+                if amsgrad:
+                    max_exp_avg_sqs.append(_local(state["max_exp_avg_sq"]))
+                words.append(self._words.get(id(p)))
+            if not params:
+                continue
+            torch._foreach_add_(step_counts, 1.0)
+            steps = [float(s) for s in step_counts]
+            if all(w is None for w in words):
+                words = []
+            else:
+                words = [w if w is not None else torch.zeros((t.numel() + 31) // 32, dtype=torch.int32,
+                                                             device=t.device) for w, t in zip(words, params)]
+            _ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, words, steps,
+                               float(group["lr"]), beta1, beta2, group["weight_decay"], group["eps"], amsgrad,
+                               group["maximize"], grad_scale)
+        return loss
+
+    # ----- state dict --------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state dict plus ``"frozen"``: the bit-packed mask (layout + words for a
+        ParamMask, per-parameter local words for a dict mask) or None."""
+        sd = super().state_dict()
+        if self._frozen is not None:
+            sd["frozen"] = {"kind": "param_mask", "layout": self._frozen.layout.to_json(),
+                            "words": self._frozen.words.clone()}
+        elif self._words:
+            params = [p for _, p in self._named_params()]
+            sd["frozen"] = {"kind": "per_param", "words": {i: self._words[id(p)].clone() for i, p in enumerate(params)}}
+        else:
+            sd["frozen"] = None
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load torch's part, then put back what torch's loader would change: moments keep their
+        saved dtype (fp32 moments of bf16 params stay fp32) and the mask is restored bit for bit."""
+        state_dict = dict(state_dict)
+        frozen = state_dict.pop("frozen", None)
+        saved = {k: {key: v for key, v in s.items() if key in _MOMENTS} for k, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for _, p in self._named_params()]
+        for k, moments in saved.items():
+            p = params[k]
+            dtype = self.state_dtype or p.dtype
+            for key, value in moments.items():
+                self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+        if frozen is None:
+            mask = None
+        elif frozen["kind"] == "param_mask":
+            mask = ParamMask(MaskLayout.from_json(frozen["layout"]), frozen["words"])
+        else:
+            self._frozen = None
+            self._words = {}
+            for k, words in frozen["words"].items():
+                p = params[int(k)]
+                local = _local(p)
+                if words.numel() != (local.numel() + 31) // 32:
+                    raise ValueError(f"saved frozen words of parameter #{k} hold {words.numel()} words, the "
+                                     f"parameter (local shard) needs {(local.numel() + 31) // 32}")
+                self._words[id(p)] = words.to(local.device, copy=True)
+            return
+        reset, self.reset_on_unfreeze = self.reset_on_unfreeze, False
+        try:
+            self._words = {}
+            self.set_frozen(mask)
+        finally:
+            self.reset_on_unfreeze = reset
+
+
+def masked_grad_norm(params, frozen: ParamMask | Mapping[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """L2 norm (float32 scalar) of the gradients of the trainable elements, in one fused pass.
+
+    sqrt(Σ_t Σ_{i not frozen} g_t[i]²). `params`: tensors, (name, tensor) pairs or a module
+    (names are needed with a ParamMask); parameters without a grad are skipped. For DTensor
+    (FSDP2) grads the local sums are all-reduced over each tensor's device mesh.
+    """
+    if isinstance(params, torch.nn.Module):
+        items = list(params.named_parameters())
+    else:
+        params = params if isinstance(params, Iterable) else [params]
+        items = [(x if isinstance(x, tuple) else (None, x)) for x in params]
+    items = [(n, p) for n, p in items if p.grad is not None]
+    if not items:
+        return torch.zeros((), dtype=torch.float32)
+    words = _frozen_words(items, frozen) if frozen is not None else []
+    grads = [_local(p.grad) for _, p in items]
+    per_tensor = _ops.masked_grad_sq_norm(grads, words)
+    sharded = [k for k, (_, p) in enumerate(items)
+               if _is_dtensor(p.grad) and any(pl.is_shard() for pl in p.grad.placements)]
+    if sharded:
+        import torch.distributed as dist
+
+        local = per_tensor[sharded].sum()
+        rest = per_tensor.sum() - local
+        mesh = items[sharded[0]][1].grad.device_mesh
+        if mesh.ndim != 1 or any(items[k][1].grad.device_mesh != mesh for k in sharded):
+            raise NotImplementedError("masked_grad_norm supports sharded grads on one 1-D device mesh")
+        dist.all_reduce(local, group=mesh.get_group())
+        return torch.sqrt(local + rest)
+    return per_tensor.sum().sqrt()
+
+
+__all__ = ["MaskedAdamW", "masked_grad_norm"]

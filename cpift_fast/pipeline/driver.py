@@ -1,0 +1,102 @@
+"""Run a whole config: base model, every method for every seed, evaluations, forgetting, report."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+
+from .config import DEMO, Config, load_config, parse_override
+from .methods import METHODS, probes
+from .run import Run
+from .stages import Env, base_stage, core_stage, eval_stage, forgetting_stage, scores
+
+
+
+def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = None, seeds: int | None = None,
+                 write_report: bool = True) -> dict:
+    """Run (or resume) every stage of `cfg`; return the collected results (and write the report)."""
+    torch.set_num_threads(int(cfg["threads"]))
+    if cfg["model"]["source"] == "tiny":  # loading/saving a tiny model is instant: no bars for it
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    t0 = time.perf_counter()
+    run = Run(os.path.join(runs_dir, cfg.name), from_kind=from_kind, progress=bool(cfg["progress"]))
+    base = base_stage(cfg, run)
+    n_seeds = int(seeds or cfg["seeds"])
+    names = cfg.task_names
+    results: dict = {"tasks": names, "methods": list(cfg["methods"]), "seeds": {}, "run_dir": run.root}
+    for seed in range(int(cfg["seed"]), int(cfg["seed"]) + n_seeds):
+        env = Env(cfg, run, seed)
+        per: dict = {"scores": {}, "forgetting": {}}
+        per["scores"]["base"] = scores(eval_stage(env, "base", base))
+        needs_probes = "cpift" in cfg["methods"] or cfg["forgetting"]["pairs"]
+        if needs_probes:
+            probe = probes(env, base)
+            own = {}
+            for name, stage in probe.items():
+                own[name] = scores(eval_stage(env, f"probe/{name}", stage))[name]
+            per["scores"]["probe"] = own
+        for method in cfg["methods"]:
+            final = METHODS[method](env, base)
+            per["scores"][method] = scores(eval_stage(env, method, final))
+        if cfg["forgetting"]["pairs"]:
+            core = core_stage(env, base, probe)
+            for a, b in cfg["forgetting"]["pairs"]:
+                for x, y in ((a, b), (b, a)):
+                    evals = forgetting_stage(env, x, y, probe, core)
+                    per["forgetting"][f"{x}->{y}"] = {
+                        "first": x, "second": y, "before": per["scores"]["probe"][x],
+                        "second_probe": per["scores"]["probe"][y],
+                        **{v: scores(e) for v, e in evals.items()}}
+        results["seeds"][seed] = per
+    results["stage_log"] = run.log
+    results["seconds"] = time.perf_counter() - t0
+    if write_report:
+        from .report import write_report as _write
+
+        results["report"] = _write(cfg, results)
+    return results
+
+
+def run_config(path: str, runs_dir: str = "runs", from_kind: str | None = None, seeds: int | None = None,
+               overrides: dict | None = None) -> dict:
+    """Validate the config (all errors before any training), then run it."""
+    cfg = load_config(path, overrides)
+    return run_pipeline(cfg, runs_dir=runs_dir, from_kind=from_kind, seeds=seeds)
+
+
+def _cli(config, args) -> int:
+    import sys
+
+    from .config import ConfigError
+    from .run import KINDS
+
+    overrides = {}
+    if args.name:
+        overrides["name"] = args.name
+    if args.no_progress:
+        overrides["progress"] = False
+    if args.from_stage is not None and args.from_stage not in KINDS:
+        print(f"cpift: --from {args.from_stage!r}: unknown stage (valid: {', '.join(KINDS)})", file=sys.stderr)
+        return 2
+    try:
+        dotted = [parse_override(item) for item in getattr(args, "overrides", [])]
+        cfg = load_config(config, overrides, dotted=dotted)
+    except ConfigError as exc:
+        print(f"cpift: config error: {exc}", file=sys.stderr)
+        return 2
+    run_pipeline(cfg, runs_dir=args.runs_dir, from_kind=args.from_stage, seeds=args.seeds)
+    return 0
+
+
+def run_cli(args) -> int:
+    """`cpift run CONFIG.yaml`."""
+    return _cli(args.config, args)
+
+
+def demo_cli(args) -> int:
+    """`cpift demo`: the built-in config (tiny Llama, four synthetic tasks), no download."""
+    return _cli(DEMO, args)

@@ -1,0 +1,283 @@
+"""The run report: ``runs/NAME/report.md`` with PNG figures, and a one-screen summary.
+
+Contents: the results table (methods × tasks, like the paper's Table 1; mean ± std over seeds;
+"Avg 0–10" = 10 × the task metric averaged over tasks, i.e. exact-match accuracy on a 0–10 scale),
+the groups and the core-overlap heatmap, the core share per layer, loss curves per stage, the
+forgetting table (A→B and B→A, fully and with A's core frozen), and the time spent per stage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections import defaultdict
+
+from .config import Config
+from .methods import LABELS
+
+ROW_ORDER = ("base", "probe", "full_sft", "ms_random", "ms_user", "cpift")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    s = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return m, s
+
+
+def _fmt(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    m, s = _mean_std([v * scale for v in values])
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
+def results_rows(results: dict) -> list[tuple[str, dict[str, list[float]], list[float]]]:
+    """[(row key, {task: [score per seed]}, [avg 0-10 per seed])] in display order."""
+    names = results["tasks"]
+    seeds = results["seeds"]
+    rows = []
+    for key in ROW_ORDER:
+        if not all(key in per["scores"] for per in seeds.values()):
+            continue
+        per_task = {n: [per["scores"][key][n] for per in seeds.values()] for n in names}
+        avg = [10.0 * sum(per["scores"][key][n] for n in names) / len(names) for per in seeds.values()]
+        rows.append((key, per_task, avg))
+    return rows
+
+
+def results_table(results: dict) -> str:
+    names = results["tasks"]
+    lines = ["| method | " + " | ".join(names) + " | Avg (0–10) |",
+             "|---|" + "---:|" * (len(names) + 1)]
+    rows = results_rows(results)
+    best = max((_mean_std(avg)[0] for key, _, avg in rows if key not in ("base", "probe")), default=None)
+    for key, per_task, avg in rows:
+        cells = [_fmt(per_task[n]) for n in names]
+        avg_cell = _fmt(avg, scale=1.0, digits=2)
+        if best is not None and key not in ("base", "probe") and abs(_mean_std(avg)[0] - best) < 1e-12:
+            avg_cell = f"**{avg_cell}**"
+        lines.append(f"| {LABELS.get(key, key)} | " + " | ".join(cells) + f" | {avg_cell} |")
+    return "\n".join(lines)
+
+
+def forgetting_table(results: dict) -> str | None:
+    rows = defaultdict(lambda: defaultdict(list))
+    for per in results["seeds"].values():
+        for direction, f in per["forgetting"].items():
+            for variant in ("full", "core_frozen"):
+                if variant not in f:
+                    continue
+                r = rows[(direction, variant)]
+                r["first"] = f["first"]
+                r["second"] = f["second"]
+                r["before"].append(f["before"])
+                r["after"].append(f[variant][f["first"]])
+                r["second_after"].append(f[variant][f["second"]])
+                r["second_probe"].append(f["second_probe"])
+    if not rows:
+        return None
+    lines = ["| A → B | training on B | A before | A after | forgetting (A) | B after | B alone (probe) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for (direction, variant), r in rows.items():
+        drop = [b - a for b, a in zip(r["before"], r["after"])]
+        label = "all parameters" if variant == "full" else "A's core frozen"
+        lines.append(f"| {r['first']} → {r['second']} | {label} | {_fmt(r['before'])} | {_fmt(r['after'])} | "
+                     f"{_fmt(drop)} | {_fmt(r['second_after'])} | {_fmt(r['second_probe'])} |")
+    return "\n".join(lines)
+
+
+def _layer_label(layer: str) -> str:
+    parts = layer.rsplit(".", 1)
+    return f"layer {parts[1]}" if len(parts) == 2 and parts[1].isdigit() else layer
+
+
+def core_share_per_layer(core_stats: dict) -> dict[str, dict[str, float]]:
+    """{task: {layer: share of the task's core lying in that layer}} (rows of select.layer_breakdown)."""
+    out = {}
+    for task, s in core_stats.items():
+        total = max(1, sum(count for _, _, count in s["per_layer"]))
+        out[task] = {}
+        for layer, _, count in s["per_layer"]:
+            label = _layer_label(str(layer))
+            out[task][label] = out[task].get(label, 0.0) + count / total
+    return out
+
+
+def _savefig(fig, path: str) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
+    os.close(fd)
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    os.replace(tmp, path)
+
+
+def _plots(results: dict, root: str, seed: int) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = {}
+    sroot = os.path.join(root, f"seed{seed}")
+    # results bar chart
+    rows = results_rows(results)
+    names = results["tasks"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.4))
+    width = 0.8 / max(1, len(rows))
+    for i, (key, per_task, _) in enumerate(rows):
+        means = [_mean_std(per_task[n])[0] * 100 for n in names]
+        errs = [_mean_std(per_task[n])[1] * 100 for n in names]
+        ax.bar([j + i * width for j in range(len(names))], means, width, yerr=errs, capsize=2,
+               error_kw={"elinewidth": 0.8}, label=LABELS.get(key, key))
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+    ax.set_ylabel("exact match (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    ax.set_title("Per-task results")
+    _savefig(fig, os.path.join(root, "results.png"))
+    plt.close(fig)
+    made["results"] = "results.png"
+    # overlap heatmap with groups (drawn by the group stage)
+    overlap = os.path.join(sroot, "group", "overlap.png")
+    if os.path.exists(overlap):
+        made["overlap"] = os.path.relpath(overlap, root)
+    # core share per layer
+    stats_path = os.path.join(sroot, "core", "core_stats.json")
+    if os.path.exists(stats_path):
+        with open(stats_path) as f:
+            share = core_share_per_layer(json.load(f))
+        first = next(iter(share.values()))
+        layers = list(first) + sorted({l for s in share.values() for l in s} - set(first))
+        fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(layers), 3.2))
+        width = 0.8 / max(1, len(share))
+        for i, (task, s) in enumerate(share.items()):
+            ax.bar([j + i * width for j in range(len(layers))], [100 * s.get(l, 0) for l in layers], width, label=task)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(layers))], layers, rotation=20)
+        ax.set_ylabel("share of the core region (%)")
+        ax.set_title("Where each task's core lies")
+        ax.legend(fontsize=7)
+        _savefig(fig, os.path.join(root, "core_share.png"))
+        plt.close(fig)
+        made["core_share"] = "core_share.png"
+    # loss curves per stage
+    curves = _loss_curves(root, sroot)
+    if curves:
+        fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 2.8), squeeze=False)
+        for ax, (title, stages) in zip(axes[0], curves.items()):
+            offset = 0
+            for label, points in stages:
+                if not points:
+                    continue
+                ax.plot([offset + s for s, _ in points], [v for _, v in points], label=label)
+                offset += points[-1][0]
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=6)
+        axes[0][0].set_ylabel("training loss (responses)")
+        _savefig(fig, os.path.join(root, "loss_curves.png"))
+        plt.close(fig)
+        made["loss_curves"] = "loss_curves.png"
+    return made
+
+
+def _read_loss(path: str):
+    try:
+        with open(os.path.join(path, "loss.json")) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _loss_curves(root: str, sroot: str) -> dict[str, list]:
+    curves = {}
+    base = _read_loss(os.path.join(root, "base"))
+    if base:
+        curves["base (pretraining)"] = [("pretrain", base)]
+    probe_dir = os.path.join(sroot, "probe")
+    if os.path.isdir(probe_dir):
+        curves["probes"] = [(t, _read_loss(os.path.join(probe_dir, t))) for t in sorted(os.listdir(probe_dir))
+                            if not t.startswith(".")]
+    for method in ("full_sft", "ms_random", "ms_user", "cpift"):
+        mdir = os.path.join(sroot, method)
+        if not os.path.isdir(mdir):
+            continue
+        stages = sorted((d for d in os.listdir(mdir) if not d.startswith(".")),
+                        key=lambda d: (d.startswith("consolidate"), d == "fuse", d))
+        points = [(d, _read_loss(os.path.join(mdir, d))) for d in stages]
+        points = [(d, p) for d, p in points if p]
+        if points:
+            curves[LABELS.get(method, method)] = points
+    return curves
+
+
+def write_report(cfg: Config, results: dict) -> str:
+    """Write report.md (+ PNGs) into the run directory; print the one-screen summary; return the path."""
+    root = results["run_dir"]
+    seeds = sorted(results["seeds"])
+    plots = _plots(results, root, seeds[0])
+    lines = [f"# CPI-FT run `{cfg.name}`", ""]
+    m = cfg["model"]
+    model_desc = (f"tiny Llama (hidden {m['hidden_size']}, {m['num_layers']} layers, {m['num_heads']} heads, "
+                  f"MLP {m['intermediate_size']}, byte-level tokenizer)" if m["source"] == "tiny" else m["source"])
+    c = cfg["cpift"]
+    lines += [f"- model: {model_desc}",
+              f"- tasks: {', '.join(cfg.task_names)}; seeds: {', '.join(map(str, seeds))}",
+              f"- budget: SFT {cfg['train']['epochs']} epoch(s) per task for every method, probes "
+              f"{cfg['probe']['epochs']} epoch(s), consolidation {c['consolidate']['epochs']} epoch(s) on "
+              f"{100 * float(c['consolidate']['ratio']):.0f}% of each task's data (cores frozen: {c['consolidate']['freeze']})",
+              f"- CPI-FT: p = {c['p']}, τ = {c['tau']}, stage order {c['order']}, SLERP t = {c['t']}, "
+              f"overlap rule {c['overlap_rule']}",
+              f"- wall time of this invocation: {results['seconds']:.0f} s", "",
+              "## Results", "",
+              "Exact match (%) per task on held-out test sets; mean ± std over seeds. Avg (0–10) = 10 × the mean "
+              "task accuracy. The single-task probe row is a reference (one model per task), not a method.", "",
+              results_table(results), ""]
+    if "results" in plots:
+        lines += [f"![results]({plots['results']})", ""]
+    lines += ["## Core regions, overlap and groups", ""]
+    for seed in seeds:
+        gpath = os.path.join(root, f"seed{seed}", "group", "group.json")
+        if os.path.exists(gpath):
+            with open(gpath) as f:
+                g = json.load(f)
+            order = " → ".join("{" + ", ".join(x) + "}" for x in g["order"])
+            lines.append(f"- seed {seed}: groups (J ≥ {g['tau']}): {g['groups']}; stage order: {order}")
+            if seed == seeds[0]:
+                names = g["names"]
+                lines += ["", "| J | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+                lines += [f"| {a} | " + " | ".join(f"{v:.3f}" for v in row) + " |" for a, row in zip(names, g["jaccard"])]
+                lines.append("")
+    for key, title in (("overlap", "Jaccard overlap of the core regions, groups outlined"),
+                       ("core_share", "Core share per layer")):
+        if key in plots:
+            lines += ["", f"![{title}]({plots[key]})", ""]
+    ft = forgetting_table(results)
+    if ft:
+        lines += ["## Forgetting (paper §4)", "",
+                  "Start from the probe model of A, fine-tune on B with the probe budget; A's accuracy before and "
+                  "after shows how much training on B overwrites A — with all parameters trainable and with A's "
+                  "core region frozen.", "", ft, ""]
+    if "loss_curves" in plots:
+        lines += ["## Loss curves per stage", "", f"![loss curves]({plots['loss_curves']})", ""]
+    lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {k} | {s} | {t:.1f} |" for k, s, t in results["stage_log"]]
+    path = os.path.join(root, "report.md")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=root)
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    print(summary(cfg, results, path))
+    return path
+
+
+def summary(cfg: Config, results: dict, path: str) -> str:
+    bar = "=" * 78
+    out = [bar, f"CPI-FT run '{cfg.name}': {len(results['seeds'])} seed(s), {results['seconds']:.0f} s", "",
+           results_table(results).replace("**", ""), ""]
+    ft = forgetting_table(results)
+    if ft:
+        out += ["forgetting:", ft, ""]
+    ran = sum(1 for _, s, _ in results["stage_log"] if s == "ran")
+    cached = sum(1 for _, s, _ in results["stage_log"] if s == "cached")
+    out += [f"stages: {ran} ran, {cached} reused from an earlier run", f"report: {path}", bar]
+    return "\n".join(out)

@@ -1,0 +1,316 @@
+"""The stages of CPI-FT and its baselines, each a cached, atomic unit of a ``Run``.
+
+    base         tiny model: "pretraining" on the generic mix; hub model: a pointer to it
+    probe/T      fine-tune the base on task T alone for the probe budget (paper: 1 epoch)
+    core         core region of each task: top p of |θ_T − θ_0| over the whole model
+    group        Jaccard matrix of the cores, groups (connected components of J ≥ τ), stage order
+    <m>/stageK   SFT on the tasks of group K; optionally frozen: the union of earlier groups' cores
+    cpift/fuse   backbone = last stage; core transplant from each probe; SLERP for the rest
+    cpift/consolidate   light SFT on a sampled mix with the cores frozen
+    forgetting   train A then B (and B then A), fully and with A's core frozen
+    eval/<m>     greedy decoding + task metric on every task's test set
+
+Every stage reads its inputs from disk, so a resumed run computes the same values as an
+uninterrupted one. Every training stage ends with the run-time freeze check (train.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+
+from ..fuse import fuse_models
+from ..mask import ParamMask
+from ..overlap import group_tasks, jaccard_matrix, order_stages, plot_overlap
+from ..select import core_region, layer_breakdown
+from .config import Config
+from .evaluate import evaluate
+from .model import TinyLlamaSpec, build_tiny_llama, load_checkpoint, load_hub_model, save_checkpoint
+from .run import Run, StageOut
+from .tasks import REAL_LOADERS, Task, make_synthetic, pretraining_mix
+from .train import TrainSpec, train
+
+SOURCE_FILE = "source.json"
+# core share per layer: numbered blocks, and embeddings / head / final norm each on their own
+LAYER_PATTERN = r"(?:(?:layers|layer|h|blocks|block)\.\d+|embed\w*|wte|wpe|lm_head|ln_f|norm)"
+
+
+def _dump(obj, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def load_json(stage: StageOut, name: str):
+    with open(os.path.join(stage.path, name)) as f:
+        return json.load(f)
+
+
+@dataclass
+class Env:
+    """What every stage of one seed needs: the config, the run cache, the seed, the task data."""
+
+    cfg: Config
+    run: Run
+    seed: int
+
+    @property
+    def progress(self) -> bool:
+        return bool(self.cfg["progress"])
+
+    @cached_property
+    def tasks(self) -> dict[str, Task]:
+        out = {}
+        for spec in self.cfg.tasks:
+            if spec.kind == "synthetic":
+                out[spec.name] = make_synthetic(spec.name, spec.n_train, spec.n_test, self.seed)
+            else:
+                out[spec.name] = REAL_LOADERS[spec.kind](spec.source, spec.n_train, spec.n_test, self.seed, name=spec.name)
+        return out
+
+    def key(self, *parts: str) -> str:
+        return "/".join((f"seed{self.seed}",) + parts)
+
+    def spec(self, epochs: float) -> TrainSpec:
+        t = self.cfg["train"]
+        return TrainSpec(epochs=float(epochs), batch_size=int(t["batch_size"]), lr=float(t["lr"]),
+                         weight_decay=float(t["weight_decay"]), warmup_ratio=float(t["warmup_ratio"]),
+                         max_grad_norm=float(t["max_grad_norm"]), max_len=int(t["max_len"]))
+
+    def data_params(self, names: list[str]) -> dict:
+        """The settings that determine the training data of `names` (for stage hashes)."""
+        specs = {t.name: vars(t) for t in self.cfg.tasks}
+        optim = {k: v for k, v in self.cfg["train"].items() if k != "epochs"}  # epochs: given per stage
+        return {"seed": self.seed, "tasks": [specs[n] for n in names], "train": optim}
+
+
+# ----- model I/O --------------------------------------------------------------------------------
+
+def load_model(stage: StageOut, dtype: str = "float32"):
+    """The model a stage wrote (or the hub model a base stage points to) and its tokenizer."""
+    src = os.path.join(stage.path, SOURCE_FILE)
+    if os.path.exists(src):
+        with open(src) as f:
+            return load_hub_model(json.load(f)["model"], dtype=getattr(torch, dtype))
+    return load_checkpoint(stage.path)
+
+
+def _save_trained(model, tok, out: str, result: dict) -> dict:
+    save_checkpoint(model, tok, out)
+    _dump(result["loss"], os.path.join(out, "loss.json"))
+    return {"steps": result["steps"], "frozen_checked": result["frozen_checked"]}
+
+
+def _union(core: StageOut, names: list[str]) -> ParamMask | None:
+    masks = [ParamMask.load(os.path.join(core.path, f"{n}.mask")) for n in names]
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = out | m
+    return out
+
+
+# ----- stages ------------------------------------------------------------------------------------
+
+def base_stage(cfg: Config, run: Run) -> StageOut:
+    """Tiny model: build it and pretrain on the generic mix. Hub model: record which one."""
+    model_cfg, pre = cfg["model"], cfg["pretrain"]
+    used = ("batch_size", "weight_decay", "warmup_ratio", "max_grad_norm", "max_len")
+    params = {"model": model_cfg, "seed": cfg["seed"],
+              "pretrain": pre if model_cfg["source"] == "tiny" else None,
+              "train": {k: cfg["train"][k] for k in used} if model_cfg["source"] == "tiny" else None}
+
+    def fn(out):
+        if model_cfg["source"] != "tiny":
+            _dump({"model": model_cfg["source"]}, os.path.join(out, SOURCE_FILE))
+            return {"source": model_cfg["source"]}
+        spec = TinyLlamaSpec(hidden_size=model_cfg["hidden_size"], num_layers=model_cfg["num_layers"],
+                             num_heads=model_cfg["num_heads"], intermediate_size=model_cfg["intermediate_size"],
+                             max_positions=max(64, int(cfg["train"]["max_len"])))
+        model, tok = build_tiny_llama(spec, seed=cfg["seed"])
+        t = cfg["train"]
+        tspec = TrainSpec(epochs=float(pre["epochs"]), batch_size=int(t["batch_size"]), lr=float(pre["lr"]),
+                          weight_decay=float(t["weight_decay"]), warmup_ratio=float(t["warmup_ratio"]),
+                          max_grad_norm=float(t["max_grad_norm"]), max_len=int(t["max_len"]))
+        result = train(model, tok, pretraining_mix(int(pre["examples"]), cfg["seed"]), tspec, seed=cfg["seed"],
+                       desc="pretrain base", progress=bool(cfg["progress"]))
+        info = _save_trained(model, tok, out, result)
+        info["parameters"] = sum(p.numel() for p in model.parameters())
+        return info
+
+    return run.stage("base", "base", params, [], fn, seed=cfg["seed"])
+
+
+def sft_stage(env: Env, key: str, kind: str, init: StageOut, examples_of: list[str], epochs: float,
+              frozen: tuple[StageOut, list[str]] | None = None, examples: list | None = None,
+              extra: dict | None = None) -> StageOut:
+    """Fine-tune the model of `init` on the tasks `examples_of` (or on `examples`), with the union of
+    the cores of `frozen[1]` (from the core stage `frozen[0]`) frozen."""
+    params = {"data": env.data_params(examples_of), "epochs": epochs, "model": env.cfg["model"]["dtype"],
+              "frozen_tasks": frozen[1] if frozen else [], "extra": extra}
+    deps = [init] + ([frozen[0]] if frozen else [])
+
+    def fn(out):
+        model, tok = load_model(init, env.cfg["model"]["dtype"])
+        data = examples if examples is not None else [ex for n in examples_of for ex in env.tasks[n].train]
+        mask = _union(frozen[0], frozen[1]) if frozen and frozen[1] else None
+        result = train(model, tok, data, env.spec(epochs), frozen=mask, seed=env.seed, desc=key, progress=env.progress)
+        info = _save_trained(model, tok, out, result)
+        info["tasks"] = examples_of
+        return info
+
+    return env.run.stage(key, kind, params, deps, fn, seed=env.seed)
+
+
+def probe_stage(env: Env, base: StageOut, task: str) -> StageOut:
+    return sft_stage(env, env.key("probe", task), "probe", base, [task], float(env.cfg["probe"]["epochs"]))
+
+
+def tensor_source(stage: StageOut, dtype: str = "float32"):
+    """What core selection and fusion read: the stage's checkpoint directory (streamed one tensor at
+    a time), or, for a hub base that the stage only points to, the loaded model."""
+    if os.path.exists(os.path.join(stage.path, SOURCE_FILE)):
+        return load_model(stage, dtype)[0]
+    return stage.path
+
+
+def core_stage(env: Env, base: StageOut, probes: dict[str, StageOut]) -> StageOut:
+    """Core region of each task: exactly round(p·N) elements with the largest |θ_task − θ_base|."""
+    p = float(env.cfg["cpift"]["p"])
+
+    def fn(out):
+        base_src = tensor_source(base, env.cfg["model"]["dtype"])
+        stats = {}
+        for name, probe in probes.items():
+            mask = core_region(base_src, probe.path, fraction=p, progress=env.progress)
+            mask.save(os.path.join(out, f"{name}.mask"))
+            stats[name] = {"count": mask.count(), "numel": mask.numel, "per_tensor": mask.count_per_tensor(),
+                           "per_layer": [list(row) for row in layer_breakdown(mask, LAYER_PATTERN)]}
+        _dump(stats, os.path.join(out, "core_stats.json"))
+        return {name: s["count"] for name, s in stats.items()}
+
+    return env.run.stage(env.key("core"), "core", {"p": p}, [base] + list(probes.values()), fn, seed=env.seed)
+
+
+def group_stage(env: Env, core: StageOut) -> StageOut:
+    """Jaccard matrix → groups (J ≥ τ, connected components) → stage order."""
+    c = env.cfg["cpift"]
+    names = env.cfg.task_names
+
+    def fn(out):
+        masks = [ParamMask.load(os.path.join(core.path, f"{n}.mask")) for n in names]
+        jac = jaccard_matrix(masks)
+        groups = group_tasks(jac, float(c["tau"]), names)
+        order = order_stages(groups, c["order"], seed=env.seed, masks=dict(zip(names, masks)))
+        plot_overlap(jac, names, order, os.path.join(out, "overlap.png"), tau=float(c["tau"]))
+        _dump({"names": names, "jaccard": jac.tolist(), "groups": [list(g) for g in groups],
+               "order": [list(g) for g in order], "tau": c["tau"]}, os.path.join(out, "group.json"))
+        return {"order": [list(g) for g in order]}
+
+    return env.run.stage(env.key("group"), "group", {"tau": c["tau"], "order": c["order"], "seed": env.seed},
+                         [core], fn, seed=env.seed)
+
+
+def fuse_stage(env: Env, key: str, backbone: StageOut, probes: dict[str, StageOut], core: StageOut,
+               base: StageOut) -> StageOut:
+    """Core elements from each task's probe model, SLERP(backbone, fold of the probes) elsewhere;
+    streamed from the checkpoint directories to a sharded safetensors checkpoint."""
+    c = env.cfg["cpift"]
+
+    def fn(out):
+        fused_dir = os.path.join(out, "fused")
+        cores = {n: os.path.join(core.path, f"{n}.mask") for n in probes}
+        _, stats = fuse_models(backbone.path, {n: s.path for n, s in probes.items()}, cores, t=c["t"],
+                               base=tensor_source(base, env.cfg["model"]["dtype"]), overlap_rule=c["overlap_rule"],
+                               out=fused_dir, progress=env.progress)
+        for fname in os.listdir(fused_dir):  # the checkpoint files, without the backbone's run records
+            if fname not in ("manifest.json", "loss.json"):
+                os.replace(os.path.join(fused_dir, fname), os.path.join(out, fname))
+        shutil.rmtree(fused_dir)
+        _dump(_jsonable(stats), os.path.join(out, "fuse_stats.json"))
+        return {k: _jsonable(stats[k]) for k in ("modes", "transplanted", "overlapping") if k in stats}
+
+    params = {"t": c["t"], "overlap_rule": c["overlap_rule"]}
+    return env.run.stage(key, "fuse", params, [backbone, core, base] + list(probes.values()), fn, seed=env.seed)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if torch.is_tensor(obj):
+        return obj.tolist()
+    if isinstance(obj, (int, float, str, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def consolidation_data(env: Env, names: list[str], ratio: float, key: str) -> list:
+    """A `ratio` sample of each task's training data, mixed (deterministic given the seed)."""
+    rng = random.Random(f"{env.seed}/{key}")
+    out = []
+    for n in names:
+        train_set = env.tasks[n].train
+        out.extend(rng.sample(train_set, max(1, round(ratio * len(train_set)))))
+    rng.shuffle(out)
+    return out
+
+
+def consolidate_stages(env: Env, method: str, fused: StageOut, core: StageOut, order: list[list[str]]) -> StageOut:
+    """Light SFT on sampled mixed data. freeze=all: one stage, every core frozen (paper §5);
+    cumulative: one stage per group, freezing the cores of the groups consolidated before it;
+    none: one stage, nothing frozen."""
+    c = env.cfg["cpift"]["consolidate"]
+    names = env.cfg.task_names
+    ratio, epochs = float(c["ratio"]), float(c["epochs"])
+    extra = {"ratio": ratio, "freeze": c["freeze"]}
+    if c["freeze"] in ("all", "none"):
+        key = env.key(method, "consolidate")
+        frozen = (core, names) if c["freeze"] == "all" else None
+        return sft_stage(env, key, "consolidate", fused, names, epochs, frozen=frozen,
+                         examples=consolidation_data(env, names, ratio, key), extra=extra)
+    current, done = fused, []
+    for k, group in enumerate(order):
+        key = env.key(method, f"consolidate{k + 1}")
+        current = sft_stage(env, key, "consolidate", current, list(group), epochs, frozen=(core, list(done)),
+                            examples=consolidation_data(env, list(group), ratio, key), extra=extra)
+        done += list(group)
+    return current
+
+
+def eval_stage(env: Env, name: str, model: StageOut) -> StageOut:
+    names = env.cfg.task_names
+
+    def fn(out):
+        m, tok = load_model(model, env.cfg["model"]["dtype"])
+        results = evaluate(m, tok, [env.tasks[n] for n in names], progress=env.progress,
+                           batch_size=int(env.cfg["eval"]["batch_size"]), desc=f"eval {name}")
+        _dump(results, os.path.join(out, "results.json"))
+        return {n: r["score"] for n, r in results.items()}
+
+    params = {"tasks": [vars(t) for t in env.cfg.tasks], "seed": env.seed}  # batch size: not in the result
+    return env.run.stage(env.key("eval", name), "eval", params, [model], fn, seed=env.seed)
+
+
+def scores(stage: StageOut) -> dict[str, float]:
+    return {n: r["score"] for n, r in load_json(stage, "results.json").items()}
+
+
+def forgetting_stage(env: Env, a: str, b: str, probes: dict[str, StageOut], core: StageOut | None) -> dict:
+    """A→B: start from probe A, fine-tune on B (probe budget) — fully, and with A's core frozen.
+    Returns {variant: eval StageOut}."""
+    epochs = env.cfg["forgetting"]["epochs"] or env.cfg["probe"]["epochs"]
+    out = {}
+    variants = [("full", None)] + ([("core_frozen", (core, [a]))] if core is not None else [])
+    for variant, frozen in variants:
+        key = env.key("forgetting", f"{a}_then_{b}", variant)
+        trained = sft_stage(env, key, "forgetting", probes[a], [b], float(epochs), frozen=frozen)
+        out[variant] = eval_stage(env, f"forgetting/{a}_then_{b}/{variant}", trained)
+    return out
