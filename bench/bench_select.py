@@ -34,17 +34,10 @@ import time
 
 import torch
 
+from common import machine_info, tensor_sizes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("exact", "approx", "topk", "kthvalue")
-
-
-def tensor_sizes(n: int, count: int, seed: int = 0) -> list[int]:
-    """~count sizes, log-uniform between 1 and a few % of n, summing to exactly n."""
-    g = torch.Generator().manual_seed(seed)
-    weights = torch.exp(torch.rand(count, generator=g) * 8)
-    sizes = (weights / weights.sum() * n).floor().to(torch.int64)
-    sizes[0] += n - int(sizes.sum())
-    return [int(s) for s in sizes]
 
 
 def make_pair(size: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,8 +115,10 @@ def run_worker(method: str, dtype_name: str, n: int, tensors: int, repeats: int,
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
     return {"method": method, "dtype": dtype_name, "n": n, "k": k, "count": count, "times": times,
-            "median_s": statistics.median(times), "peak_extra_bytes": peak}
+            "median_s": median, "input_gb_per_s": 2 * n * base["layers.0.w"].element_size() / median / 1e9,
+            "peak_extra_bytes": peak}
 
 
 def run_in_subprocess(method: str, dtype: str, args) -> dict:
@@ -195,11 +190,7 @@ def run_stream(args, workdir: str) -> dict:
 
 
 def machine() -> dict:
-    import triton
-
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "triton": triton.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
+    return {**machine_info("cpu"), "cores": os.cpu_count(), "platform": platform.platform(),
             "load_average_1m": os.getloadavg()[0]}
 
 
@@ -231,8 +222,8 @@ def main() -> None:
         for method in args.methods.split(","):
             r = run_in_subprocess(method, dtype, args)
             rows.append(r)
-            print(f"{dtype:>9} {method:>9}: {1e3 * r['median_s']:9.1f} ms  peak extra {r['peak_extra_bytes'] / 2**20:8.1f} MiB"
-                  f"  selected {r['count']}", flush=True)
+            print(f"{dtype:>9} {method:>9}: {1e3 * r['median_s']:9.1f} ms  {r['input_gb_per_s']:6.2f} GB/s  "
+                  f"peak extra {r['peak_extra_bytes'] / 2**20:8.1f} MiB  selected {r['count']}", flush=True)
     summary = {}
     for dtype in args.dtypes.split(","):
         by = {r["method"]: r for r in rows if r["dtype"] == dtype}
@@ -274,11 +265,12 @@ def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# core selection benchmark ({result['date']})", "",
              f"N = {result['n']:.3g} elements in {result['tensors']} tensors, fraction {result['fraction']}, "
-             f"median of {result['repeats']}; {m['cpu']}, {m['cores']} cores, torch {m['torch']}, triton {m['triton']}, "
-             f"load average {m['load_average_1m']:.1f} at the start", "",
-             "| dtype | method | time (ms) | peak extra (MiB) | selected |", "|---|---|---:|---:|---:|"]
+             f"median of {result['repeats']}; {m['device']}, {m['cores']} cores ({m['cpu_threads']} torch threads), "
+             f"torch {m['torch']}, triton {m['triton']}, load average {m['load_average_1m']:.1f} at the start", "",
+             "GB/s: input bytes (both checkpoints) / time. Peak extra includes the N/8-byte result mask.", "",
+             "| dtype | method | time (ms) | GB/s | peak extra (MiB) | selected |", "|---|---|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['dtype']} | {r['method']} | {1e3 * r['median_s']:.1f} | "
+        lines.append(f"| {r['dtype']} | {r['method']} | {1e3 * r['median_s']:.1f} | {r['input_gb_per_s']:.2f} | "
                      f"{r['peak_extra_bytes'] / 2**20:.1f} | {r['count']} |")
     lines += ["", "| dtype | exact vs concat+topk | exact vs kthvalue | approx vs exact |", "|---|---:|---:|---:|"]
     for dtype, s in result["ratios"].items():

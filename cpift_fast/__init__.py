@@ -1,8 +1,13 @@
 """cpift_fast: fast core-parameter isolation fine-tuning for PyTorch.
 
 Public API (everything else is internal):
-    ParamMask, MaskLayout      1-bit-per-element masks over named tensors
-    backend_info()             what was built and which backend each op uses
+    ParamMask, MaskLayout            1-bit-per-element masks over named tensors
+    MaskedAdamW, masked_grad_norm    AdamW that never touches frozen elements
+    core_region                      exact global top-k of |tuned - base| -> CoreMask
+    jaccard_matrix, group_tasks, order_stages, overlap_counts, plot_overlap
+    slerp, fuse_models, plot_fusion  core transplant + SLERP fusion
+    open_tensors, ShardedWriter, save_sharded   streamed safetensors checkpoints
+    backend_info()                   what was built and which backend each op uses
 """
 
 from ._ops import BackendUnavailable, backend_info
@@ -14,9 +19,16 @@ from .optim import MaskedAdamW, masked_grad_norm  # noqa: E402
 from .io import ShardedWriter, TensorSource, open_tensors, save_sharded  # noqa: E402
 from .select import CoreMask, SelectionInfo, core_region  # noqa: E402
 # overlap and fusion (issue 5)
-from .fuse import fuse_models, slerp  # noqa: E402
+from .fuse import fuse_models, plot_fusion, slerp  # noqa: E402
 from .overlap import group_tasks, jaccard_matrix, order_stages, overlap_counts, plot_overlap  # noqa: E402
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailable", "MaskLayout", "ParamMask", "backend_info", "__version__"]
+__all__ = [
+    "BackendUnavailable", "MaskLayout", "ParamMask", "backend_info",
+    "MaskedAdamW", "masked_grad_norm",
+    "CoreMask", "SelectionInfo", "core_region", "ShardedWriter", "TensorSource", "open_tensors", "save_sharded",
+    "fuse_models", "plot_fusion", "slerp",
+    "group_tasks", "jaccard_matrix", "order_stages", "overlap_counts", "plot_overlap",
+    "__version__",
+]

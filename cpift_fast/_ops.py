@@ -80,7 +80,12 @@ def _interpreting() -> bool:
 
 
 def _has_kernel(op: str, dispatch_key: str) -> bool:
-    return _extension()[0] and torch._C._dispatch_has_kernel_for_dispatch_key(f"cpift::{op}", dispatch_key)
+    if not _extension()[0]:
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"cpift::{op}", dispatch_key)
+    except RuntimeError:  # an extension built before this op existed: rebuild (make install)
+        return False
 
 
 def _why_not(backend: str, op: str, device: torch.device) -> str | None:
@@ -167,7 +172,7 @@ def backend_info() -> dict:
         "built": {
             "extension": ext_ok,
             "extension_error": ext_error,
-            "cuda_kernels": ext_ok and torch._C._dispatch_has_kernel_for_dispatch_key("cpift::mask_binary", "CUDA"),
+            "cuda_kernels": _has_kernel("mask_binary", "CUDA"),
             "triton": triton_version,
             "triton_error": triton_error,
             "triton_interpret": _interpreting(),

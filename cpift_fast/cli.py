@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--stats", help="write the per-tensor stats as JSON here")
+    p.add_argument("--plot", help="save a per-tensor chart of angles and transplanted shares (.png/.pdf/.svg)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=lambda args: __import__("cpift_fast.fuse", fromlist=["run_cli"]).run_cli(args))
     # [issue 6] cpift run (and the pipeline's demo replaces _cmd_demo)

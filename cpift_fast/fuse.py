@@ -36,9 +36,9 @@ tasks' values, rounded to the backbone dtype; no longer a copy of any one task).
 ``t`` may be a number, a list of anchors interpolated linearly over the layer index (mergekit's
 "gradient": anchor positions are evenly spaced over layers 0 .. L−1; tensors outside numbered
 layers take the first anchor if their name marks an input embedding — ``embed``, ``wte``, ``wpe``
-— and the last anchor otherwise: final norm, lm_head; as mergekit's pre/post weights), or a dict of name filters ``{pattern: number or anchors}``
-matched with ``re.search`` in insertion order, where the key ``"default"`` (or ``"*"``) catches
-the rest. Every t must lie in [0, 1].
+— and the last anchor otherwise: final norm, lm_head; as mergekit's pre/post weights), or a
+dict of name filters ``{pattern: number or anchors}`` matched with ``re.search`` in insertion
+order, where the key ``"default"`` (or ``"*"``) catches the rest. Every t must lie in [0, 1].
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def slerp_coefficients(t: float, stats: torch.Tensor | Sequence[float], *, task_
     ``stats`` = (u·v, |u|², |v|²) from one reduction pass. ``info``: ``mode`` ("copy", "slerp",
     "lerp_collinear", "lerp_zero_norm"), ``angle_deg`` (NaN when a norm is ~0) and ``cos``.
     """
-    dot, uu, vv = (float(x) for x in stats)
+    dot, uu, vv = stats.tolist() if isinstance(stats, torch.Tensor) else (float(x) for x in stats)
     if not all(math.isfinite(x) for x in (dot, uu, vv)):
         raise ValueError(f"non-finite values in the tensors (u·v={dot}, |u|²={uu}, |v|²={vv})")
     nu, nv = math.sqrt(uu), math.sqrt(vv)
@@ -253,7 +253,8 @@ def _copy_config_files(src: Any, out: str) -> list[str]:
     return copied
 
 
-def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any], cores: Mapping[str, Any] | Sequence[Any] | None,
+def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
+                cores: Mapping[str, Any] | Sequence[Any] | None,
                 *, t: Any = 0.5, base: Any = None, overlap_rule: str = "last", out: str | os.PathLike | None = None,
                 space: str | None = None, dot_threshold: float = 0.9995, eps: float = 1e-8,
                 max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True):
@@ -405,6 +406,39 @@ def _fuse_tensor(name, bb, srcs, base_src, core_masks, layout, t, task_vector, r
     return fused, entry
 
 
+def plot_fusion(stats: dict, path: str | os.PathLike) -> str:
+    """Save a per-tensor chart of a ``fuse_models`` run: the SLERP angle (marker = mode) and the
+    share of each tensor's elements transplanted from task cores."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(stats["tensors"])
+    entries = [stats["tensors"][n] for n in names]
+    x = range(len(names))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.12 * len(names) + 3), 6), sharex=True)
+    markers = {"slerp": "o", "lerp_collinear": "^", "lerp_zero_norm": "x", "copy": "s", "copy_non_float": "."}
+    for mode, marker in markers.items():
+        idx = [i for i, e in enumerate(entries) if e.get("mode") == mode]
+        if idx:
+            ax1.scatter(idx, [entries[i].get("angle_deg", float("nan")) for i in idx], marker=marker, s=14,
+                        label=f"{mode} ({len(idx)})")
+    ax1.set_ylabel(f"angle (deg, {stats.get('space', 'weights')})")
+    ax1.legend(fontsize=7, loc="best")
+    ax1.set_title(f"fusion of {len(stats.get('tasks', []))} task(s): {len(names)} tensors")
+    ax2.bar(list(x), [100.0 * e.get("transplanted", 0) / max(1, e["numel"]) for e in entries], color="tab:red")
+    ax2.set_ylabel("transplanted (% of tensor)")
+    ax2.set_xlabel("tensor (backbone order)")
+    if len(names) <= 40:
+        ax2.set_xticks(list(x), names, rotation=80, fontsize=6)
+    fig.tight_layout()
+    path = os.fspath(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _parse_t(text: str):
     import json
 
@@ -456,4 +490,6 @@ def run_cli(args) -> int:
     if args.stats:
         with open(args.stats, "w") as f:
             json.dump(stats, f, indent=2, default=str)
+    if args.plot:
+        print(f"plot: {plot_fusion(stats, args.plot)}")
     return 0

@@ -192,6 +192,25 @@ class _Pairs:
         return a, b
 
 
+def _store(words: torch.Tensor, offset: int, w: torch.Tensor) -> None:
+    """words[offset:offset + len(w)] = w; on CPU through numpy (a plain memcpy: a torch copy of a
+    large slice would open a parallel region per tensor)."""
+    if words.device.type == "cpu" and w.device.type == "cpu":
+        words.numpy()[offset:offset + w.numel()] = w.numpy()
+    else:
+        words[offset:offset + w.numel()] = w.to(words.device)
+
+
+def _count_per_tensor(words: torch.Tensor, layout: MaskLayout) -> torch.Tensor:
+    """Bits set per tensor (int64[T])."""
+    if words.device.type == "cpu" and hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        w = words.numpy().view(np.uint32)
+        bounds = layout.offsets
+        return torch.tensor([int(np.bitwise_count(w[a:b]).sum(dtype=np.int64)) for a, b in zip(bounds[:-1], bounds[1:])],
+                            dtype=torch.int64)
+    return _ops.mask_popcount(words, layout.offsets_tensor(words.device)).cpu()
+
+
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
     if group is not None:
         import torch.distributed as dist
@@ -245,7 +264,7 @@ def core_region(base: Any, tuned: Any, fraction: float = 0.01, *, mode: str = "e
     finally:
         src_b.close()
         src_t.close()
-    per_tensor = _ops.mask_popcount(words, layout.offsets_tensor(words.device)).cpu()
+    per_tensor = _count_per_tensor(words, layout)
     selected = torch.tensor([int(per_tensor[members].sum()) if members else 0 for _, members in members_of])
     _all_reduce(selected, group)
     for g, count in zip(groups, selected.tolist()):
@@ -335,7 +354,7 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
                 a, b = pairs.get(name, keep=single)
                 w, n_eq = _ops.select_mask(a, b, threshold, 0 if distributed_ties else left)
                 n_eq = int(n_eq)
-                words[off:off + w.numel()] = w.to(words.device)
+                _store(words, off, w)
             counts.append(n_eq)
             left -= min(left, n_eq)
             bar.update(1)
@@ -365,7 +384,7 @@ def _distribute_ties(names, offsets, pairs: _Pairs, words, threshold, budget, co
             if r == rank and take:
                 a, b = pairs.get(name)
                 w, _ = _ops.select_mask(a, b, threshold, take)
-                words[off:off + w.numel()] = w.to(words.device)
+                _store(words, off, w)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 // Trainable elements follow torch.optim.AdamW (decoupled decay first, bias correction, eps after
 // sqrt), computed in fp32 whatever the storage dtype (bf16/fp16 widened, rounded once on store).
 // Frozen elements are never modified: a word of 32 frozen elements is skipped entirely (no loads,
-// no stores); in a mixed word the stored value of a frozen element is its original bit pattern.
+// no stores); in a mixed word only the trainable lanes are stored (AVX-512: the frozen bits are the
+// inverted store mask).
 
 // GCC 12 flags its own _mm512_undefined_ps() (self-initialised) when AVX-512 intrinsics inline.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -98,6 +99,11 @@ template <> struct Lanes<c10::BFloat16> {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
   }
   static void store(c10::BFloat16* p, __mmask16 k, __m512 x) {
+#ifdef __AVX512BF16__
+    // one instruction: round to nearest even (a NaN stays a quiet NaN of the same sign)
+    _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(x));
+    return;
+#endif
     // round to nearest even, NaN -> quiet NaN (as c10::BFloat16)
     const __m512i bits = _mm512_castps_si512(x);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));

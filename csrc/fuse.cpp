@@ -9,6 +9,7 @@
 // each input element is read from memory once. Rounding back: round-to-nearest-even, as torch.
 // GCC 12 flags the `undefined` registers inside its own AVX-512 intrinsic headers (false positive)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include "common.h"
 
 #include <cstring>

@@ -1,9 +1,12 @@
 // Pairwise overlap of T bit-packed masks in one pass: out[i][j] = popcount(m_i & m_j).
-// Each word of each mask is read from memory once: the words of a tile (kTile 64-bit words of
-// every mask, 4 KiB for T = 8) are combined pairwise while they sit in L1. Unions follow from
-// |a ∪ b| = |a| + |b| − |a ∩ b| (the diagonal holds |a|), so only AND popcounts are needed.
+// Each word of each mask is read from memory once. T <= 8 (AVX-512): one 64-byte vector of every
+// mask is loaded into registers and all T(T+1)/2 pairs are formed from registers (per-pair vector
+// accumulators). T > 8: the words of a tile (kTile 64-bit words of every mask) are combined
+// pairwise while they sit in L1. Unions follow from |a ∪ b| = |a| + |b| − |a ∩ b| (the diagonal
+// holds |a|), so only AND popcounts are needed.
 // GCC 12 flags the `undefined` registers inside its own AVX-512 intrinsic headers (false positive)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include "common.h"
 
 #include <cstring>
@@ -27,9 +30,52 @@ inline uint64_t load64(const uint32_t* p) {
   return x;
 }
 
+#ifdef CPIFT_OVERLAP_AVX512
+// Register-blocked kernel for a fixed T: returns the first 64-bit word it did not process.
+template <int T>
+int64_t overlap_registers(const uint32_t* const* p, int64_t begin, int64_t end, int64_t* acc) {
+  constexpr int kPairs = T * (T + 1) / 2;
+  __m512i s[kPairs];
+#pragma GCC unroll 36
+  for (int k = 0; k < kPairs; ++k) s[k] = _mm512_setzero_si512();
+  int64_t w = begin;
+  for (; w + 8 <= end; w += 8) {
+    __m512i v[T];
+#pragma GCC unroll 8
+    for (int i = 0; i < T; ++i) v[i] = _mm512_loadu_si512(p[i] + 2 * w);
+    int k = 0;
+#pragma GCC unroll 8
+    for (int i = 0; i < T; ++i) {
+      s[k] = _mm512_add_epi64(s[k], _mm512_popcnt_epi64(v[i]));
+      ++k;
+#pragma GCC unroll 8
+      for (int j = i + 1; j < T; ++j) {
+        s[k] = _mm512_add_epi64(s[k], _mm512_popcnt_epi64(_mm512_and_si512(v[i], v[j])));
+        ++k;
+      }
+    }
+  }
+  int k = 0;
+  for (int i = 0; i < T; ++i)
+    for (int j = i; j < T; ++j) acc[i * T + j] += _mm512_reduce_add_epi64(s[k++]);
+  return w;
+}
+#endif
+
 void overlap_range(const std::vector<const uint32_t*>& p, int64_t begin, int64_t end, int64_t* acc) {
   const int64_t T = static_cast<int64_t>(p.size());
 #ifdef CPIFT_OVERLAP_AVX512
+  switch (T) {
+    case 1: begin = overlap_registers<1>(p.data(), begin, end, acc); break;
+    case 2: begin = overlap_registers<2>(p.data(), begin, end, acc); break;
+    case 3: begin = overlap_registers<3>(p.data(), begin, end, acc); break;
+    case 4: begin = overlap_registers<4>(p.data(), begin, end, acc); break;
+    case 5: begin = overlap_registers<5>(p.data(), begin, end, acc); break;
+    case 6: begin = overlap_registers<6>(p.data(), begin, end, acc); break;
+    case 7: begin = overlap_registers<7>(p.data(), begin, end, acc); break;
+    case 8: begin = overlap_registers<8>(p.data(), begin, end, acc); break;
+    default: break;
+  }
   // per-pair vector accumulators (8 x u64 lanes), kept in plain memory: unaligned load/store
   std::vector<uint64_t> vacc(T * T * 8, 0);
   int64_t w = begin;
@@ -81,7 +127,7 @@ at::Tensor overlap_counts(const at::TensorList masks) {
   const int64_t n64 = nwords / 2;
   std::vector<int64_t> total(T * T, 0);
   std::mutex lock;
-  at::parallel_for(0, (n64 + kTile - 1) / kTile, std::max<int64_t>(1, kGrain / kTile / 2),
+  at::parallel_for(0, (n64 + kTile - 1) / kTile, 1024,  // grain: 512 KiB of every mask
                    [&](int64_t tb, int64_t te) {
     std::vector<int64_t> acc(T * T, 0);
     overlap_range(p32, tb * kTile, std::min(n64, te * kTile), acc.data());

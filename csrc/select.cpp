@@ -28,7 +28,7 @@ constexpr int64_t kChunk = 1 << 16;           // elements per mask chunk (multip
 // Elements per thread task: below this a tensor runs on one thread. Large on purpose: every
 // parallel region costs a thread wake-up, and on an oversubscribed machine a descheduled thread
 // stalls the whole region; a model has hundreds of small tensors.
-constexpr int64_t kParallelGrain = 1 << 20;
+constexpr int64_t kParallelGrain = 1 << 22;
 constexpr int64_t kFlush = int64_t(1) << 30;  // flush uint32 per-thread counts before they can wrap
 constexpr int64_t kBins0 = 1 << 15;
 constexpr int64_t kBins1 = 1 << 16;

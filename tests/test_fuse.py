@@ -444,7 +444,8 @@ def test_streamed_sharded_fusion_equals_in_memory_and_loads(tmp_path):
         m.save(tmp_path / f"{k}.mask")
     stats_path = tmp_path / "stats.json"
     argv = ["fuse", "--backbone", str(dirs["backbone"]), "-t", "[0.3, 0.7]", "-o", str(tmp_path / "cli"),
-            "--max-shard-size", "60KB", "--stats", str(stats_path), "--no-progress"]
+            "--max-shard-size", "60KB", "--stats", str(stats_path), "--no-progress",
+            "--plot", str(tmp_path / "fuse.png")]
     for k in tasks:
         argv += ["--task", f"{k}={dirs[k]}:{tmp_path / f'{k}.mask'}"]
     assert main(argv) == 0
@@ -452,6 +453,7 @@ def test_streamed_sharded_fusion_equals_in_memory_and_loads(tmp_path):
         for name, tensor in src:
             assert torch.equal(tensor, in_memory[name]), name
     assert json.loads(stats_path.read_text())["transplanted"] == stats["transplanted"]
+    assert (tmp_path / "fuse.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(FileExistsError):
         main(argv)
 
@@ -485,3 +487,18 @@ def test_triton_on_gpu_matches_reference(dtype):
     for rule, got in enumerate(outs):
         want = R.slerp_apply(a, b, base, 0.3, 0.6, 0.1, values, words, rule)
         torch.testing.assert_close(got.cpu().float(), want.float(), rtol=ULP[dtype], atol=ULP[dtype])
+
+
+def test_slerp_coefficients_directly():
+    # (u·v, |u|², |v|²) for two unit vectors 90° apart
+    c0, c1, c2, info = slerp_coefficients(0.5, [0.0, 1.0, 1.0])
+    assert info["mode"] == "slerp" and abs(info["angle_deg"] - 90) < 1e-12
+    assert abs(c0 - math.sqrt(0.5)) < 1e-15 and abs(c1 - math.sqrt(0.5)) < 1e-15 and c2 == 0.0
+    c0, c1, c2, _ = slerp_coefficients(0.5, [0.0, 1.0, 1.0], task_vector=True)
+    assert abs(c2 - (1 - 2 * math.sqrt(0.5))) < 1e-15  # base + s0·(a − base) + s1·(b − base)
+    assert slerp_coefficients(1.0, [0.0, 1.0, 1.0])[:3] == (0.0, 1.0, 0.0)
+    assert slerp_coefficients(0.0, [0.0, 1.0, 1.0])[:3] == (1.0, 0.0, 0.0)
+    assert slerp_coefficients(0.25, [4.0, 4.0, 4.0])[:3] == (0.75, 0.25, 0.0)  # collinear -> lerp
+    assert slerp_coefficients(0.25, [0.0, 0.0, 4.0])[3]["mode"] == "lerp_zero_norm"
+    with pytest.raises(ValueError, match="non-finite"):
+        slerp_coefficients(0.5, [float("nan"), 1.0, 1.0])

@@ -43,7 +43,8 @@ def test_local_transformers_model_runs_every_stage(local_model_dir, tmp_path):
         "data": {"n_train": 32, "n_test": 8},
         "tasks": ["shift", "count"],
         "train": {"epochs": 1.0, "batch_size": 16, "lr": 3e-3, "max_len": 24},
-        "cpift": {"p": 0.05, "consolidate": {"ratio": 0.5, "epochs": 1.0, "freeze": "all"}},
+        "cpift": {"p": 0.05, "tau": 0.0, "order": "size",
+                  "consolidate": {"ratio": 0.5, "epochs": 1.0, "freeze": "cumulative"}},
         "methods": ["full_sft", "cpift"],
     })
     results = run_pipeline(cfg, runs_dir=str(tmp_path))
@@ -52,4 +53,8 @@ def test_local_transformers_model_runs_every_stage(local_model_dir, tmp_path):
     mask = ParamMask.load(os.path.join(root, "seed0", "core", "shift.mask"))
     assert mask.count() > 0
     assert set(results["seeds"][0]["scores"]["cpift"]) == {"shift", "count"}
+    # tau = 0: one group, one stage; cumulative consolidation: one consolidation stage per group
+    assert os.path.isdir(os.path.join(root, "seed0", "cpift", "stage1"))
+    assert not os.path.exists(os.path.join(root, "seed0", "cpift", "stage2"))
+    assert os.path.isdir(os.path.join(root, "seed0", "cpift", "consolidate1"))
     assert os.path.exists(os.path.join(root, "report.md"))

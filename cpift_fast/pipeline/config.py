@@ -288,7 +288,7 @@ DEMO: dict = {
     "probe": {"epochs": 1.0},
     "cpift": {"p": 0.01, "tau": 0.1, "order": "random", "t": 0.5,
               "consolidate": {"ratio": 0.1, "epochs": 1.0, "freeze": "all"}},
-    "methods": ["full_sft", "ms_random", "cpift"],
-    "baselines": {"ms_random": {"k": 2}},
+    "methods": ["full_sft", "ms_random", "ms_user", "cpift"],
+    "baselines": {"ms_random": {"k": 2}, "ms_user": {"groups": [["shift", "mirror"], ["upper", "count"]]}},
     "forgetting": {"pairs": [["shift", "mirror"]]},
 }

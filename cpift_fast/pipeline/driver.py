@@ -53,6 +53,7 @@ def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = No
                         **{v: scores(e) for v, e in evals.items()}}
         results["seeds"][seed] = per
     results["stage_log"] = run.log
+    results["stage_seconds"] = sum(float(o.manifest.get("seconds", 0.0)) for o in run.done.values())
     results["seconds"] = time.perf_counter() - t0
     if write_report:
         from .report import write_report as _write

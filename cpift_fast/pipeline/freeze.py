@@ -41,9 +41,10 @@ class FreezeGuard:
         for name in mask.names:
             if name not in params:
                 continue  # a checkpoint tensor that is not a parameter, with nothing frozen in it
-            bits = mask.tensor_bits(name).to(params[name].device)
-            if bits.any():
-                self.snapshot[name] = (bits, _bits(params[name].detach()[bits]).clone())
+            bits = mask.tensor_bits(name).cpu()
+            if bits.any():  # kept on the CPU: the trainer may move the model to another device
+                p = params[name].detach()
+                self.snapshot[name] = (bits, _bits(p[bits.to(p.device)]).cpu().clone())
 
     @property
     def frozen_count(self) -> int:
@@ -53,12 +54,13 @@ class FreezeGuard:
         """Raise FrozenDriftError if any frozen element differs; return how many were checked."""
         params = dict(model.named_parameters())
         for name, (bits, saved) in self.snapshot.items():
-            now = _bits(params[name].detach()[bits])
+            p = params[name].detach()
+            now = _bits(p[bits.to(p.device)]).cpu()
             if not torch.equal(now, saved):
                 bad = (now != saved).nonzero().flatten()
                 flat = bits.flatten().nonzero().flatten()[bad[0]].item()
-                old = saved[bad[0]].view(params[name].dtype).item()
-                new = now[bad[0]].view(params[name].dtype).item()
+                old = saved[bad[0]].view(p.dtype).item()
+                new = now[bad[0]].view(p.dtype).item()
                 raise FrozenDriftError(
                     f"{self.what}: {bad.numel()} frozen element(s) of {name!r} changed during training "
                     f"(first: flat index {flat}, {old!r} -> {new!r})")

@@ -60,6 +60,18 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def verdict(results: dict) -> str | None:
+    """One line: CPI-FT's average next to the best baseline's (mean over seeds, 0-10 scale)."""
+    avgs = {key: _mean_std(avg)[0] for key, _, avg in results_rows(results) if key not in ("base", "probe")}
+    if "cpift" not in avgs or len(avgs) < 2:
+        return None
+    best = max((k for k in avgs if k != "cpift"), key=avgs.get)
+    diff = avgs["cpift"] - avgs[best]
+    word = "above" if diff > 0 else "below" if diff < 0 else "level with"
+    return (f"CPI-FT averages {avgs['cpift']:.2f}/10, {abs(diff):.2f} {word} the best baseline here, "
+            f"{LABELS.get(best, best)} ({avgs[best]:.2f}/10).")
+
+
 def forgetting_table(results: dict) -> str | None:
     rows = defaultdict(lambda: defaultdict(list))
     for per in results["seeds"].values():
@@ -227,11 +239,15 @@ def write_report(cfg: Config, results: dict) -> str:
               f"{100 * float(c['consolidate']['ratio']):.0f}% of each task's data (cores frozen: {c['consolidate']['freeze']})",
               f"- CPI-FT: p = {c['p']}, τ = {c['tau']}, stage order {c['order']}, SLERP t = {c['t']}, "
               f"overlap rule {c['overlap_rule']}",
-              f"- wall time of this invocation: {results['seconds']:.0f} s", "",
+              f"- wall time of this invocation: {results['seconds']:.0f} s; all stages of the run, as first "
+              f"computed: {results.get('stage_seconds', 0.0):.0f} s", "",
               "## Results", "",
               "Exact match (%) per task on held-out test sets; mean ± std over seeds. Avg (0–10) = 10 × the mean "
               "task accuracy. The single-task probe row is a reference (one model per task), not a method.", "",
               results_table(results), ""]
+    line = verdict(results)
+    if line:
+        lines += [line, ""]
     if "results" in plots:
         lines += [f"![results]({plots['results']})", ""]
     lines += ["## Core regions, overlap and groups", ""]
@@ -274,6 +290,9 @@ def summary(cfg: Config, results: dict, path: str) -> str:
     bar = "=" * 78
     out = [bar, f"CPI-FT run '{cfg.name}': {len(results['seeds'])} seed(s), {results['seconds']:.0f} s", "",
            results_table(results).replace("**", ""), ""]
+    line = verdict(results)
+    if line:
+        out += [line, ""]
     ft = forgetting_table(results)
     if ft:
         out += ["forgetting:", ft, ""]

@@ -290,6 +290,7 @@ def eval_stage(env: Env, name: str, model: StageOut) -> StageOut:
 
     def fn(out):
         m, tok = load_model(model, env.cfg["model"]["dtype"])
+        m.to("cuda" if torch.cuda.is_available() else "cpu")
         results = evaluate(m, tok, [env.tasks[n] for n in names], progress=env.progress,
                            batch_size=int(env.cfg["eval"]["batch_size"]), desc=f"eval {name}")
         _dump(results, os.path.join(out, "results.json"))

@@ -53,6 +53,8 @@ def train(model, tok, examples: list[Example], spec: TrainSpec, *, frozen: Param
     if not examples:
         raise ValueError(f"{desc}: no training examples")
     steps = num_steps(len(examples), spec)
+    # on the training device before the optimizer sees the parameters (its mask words live there too)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     guard = FreezeGuard(model, frozen, what=desc)
     opt = MaskedAdamW(list(model.named_parameters()), lr=spec.lr, betas=spec.betas, eps=spec.eps,
                       weight_decay=spec.weight_decay, frozen=frozen)
