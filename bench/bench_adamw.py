@@ -28,25 +28,16 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
+from common import tensor_sizes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 FRACTIONS = (0.01, 0.5, 0.99)
 LAYOUTS = ("random", "contiguous")
-
-
-def tensor_sizes(n: int, count: int, seed: int = 0) -> list[int]:
-    """`count` sizes, log-uniform over ~3.5 decades, summing to exactly n."""
-    g = torch.Generator().manual_seed(seed)
-    weights = torch.exp(torch.rand(count, generator=g) * 8)
-    sizes = (weights / weights.sum() * n).floor().to(torch.int64).clamp_min(1)
-    sizes[int(sizes.argmax())] += n - int(sizes.sum())
-    return [int(s) for s in sizes]
 
 
 def make_mask(names, params, fraction: float, layout: str, seed: int = 0):

@@ -207,7 +207,7 @@ def run_cli(args) -> int:
     J = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), 0.0)
     groups = group_tasks(J, args.tau, names)
     print(format_matrix(J, names))
-    print(f"\ncore sizes: " + ", ".join(f"{n}={c}" for n, c in zip(names, inter.diagonal().tolist())))
+    print("\ncore sizes: " + ", ".join(f"{n}={c}" for n, c in zip(names, inter.diagonal().tolist())))
     print(f"groups at tau = {args.tau:g}: {groups}")
     result = {"names": names, "jaccard": J.tolist(), "intersection": inter.tolist(), "union": union.tolist(),
               "tau": args.tau, "groups": groups}

@@ -234,12 +234,29 @@ def overlap_counts(masks: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _check_same_numel(a, b, base, op):
-    if b.numel() != a.numel():
-        raise ValueError(f"{op}: a has {a.numel()} elements (shape {list(a.shape)}), b has {b.numel()} "
+def check_slerp_args(op: str, a, b, base, values=(), words=(), rule: int = 0) -> None:
+    """Validate slerp_stats / slerp_apply arguments (shared by every backend's Python side)."""
+    for name, t in (("a", a), ("b", b), ("base", base)):
+        if t is not None and t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+    n = a.numel()
+    if b.numel() != n:
+        raise ValueError(f"{op}: a has {n} elements (shape {list(a.shape)}), b has {b.numel()} "
                          f"(shape {list(b.shape)})")
-    if base is not None and base.numel() != a.numel():
-        raise ValueError(f"{op}: base has {base.numel()} elements, a has {a.numel()}")
+    if base is not None and base.numel() != n:
+        raise ValueError(f"{op}: base has {base.numel()} elements, a has {n}")
+    if rule not in (0, 1, 2):
+        raise ValueError(f"{op}: rule must be 0 (last), 1 (first) or 2 (mean); got {rule}")
+    if len(values) != len(words):
+        raise ValueError(f"{op}: {len(values)} value tensors but {len(words)} word buffers")
+    for k, (v, w) in enumerate(zip(values, words)):
+        if v.dtype != a.dtype:
+            raise ValueError(f"{op}: values[{k}] has dtype {v.dtype}, a has {a.dtype} "
+                             "(a transplant copies bits: cast first)")
+        if v.numel() != n:
+            raise ValueError(f"{op}: values[{k}] has {v.numel()} elements, a has {n}")
+        if w.dtype != torch.int32 or w.numel() != (n + 31) // 32:
+            raise ValueError(f"{op}: words[{k}] must be {(n + 31) // 32} int32 words, got {w.numel()} {w.dtype}")
 
 
 def slerp_stats(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
@@ -247,7 +264,7 @@ def slerp_stats(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None) -> 
 
     u, v in fp32 (inputs widened); products and sums in fp64 (a product of two fp32 values is exact).
     """
-    _check_same_numel(a, b, base, "slerp_stats")
+    check_slerp_args("slerp_stats", a, b, base)
     u = a.reshape(-1).float()
     v = b.reshape(-1).float()
     if base is not None:
@@ -265,21 +282,8 @@ def slerp_apply(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, c0:
     where several cores hold i, ``rule`` decides: 0 = the last such k, 1 = the first, 2 = the fp32
     mean of their values. ``values[k]`` must have a's dtype, so a transplant is a bit-exact copy.
     """
-    if rule not in (0, 1, 2):
-        raise ValueError(f"slerp_apply: rule must be 0 (last), 1 (first) or 2 (mean); got {rule}")
-    _check_same_numel(a, b, base, "slerp_apply")
+    check_slerp_args("slerp_apply", a, b, base, values, words, rule)
     n = a.numel()
-    if len(values) != len(words):
-        raise ValueError(f"slerp_apply: {len(values)} value tensors but {len(words)} word buffers")
-    for k, (v, w) in enumerate(zip(values, words)):
-        if v.dtype != a.dtype:
-            raise ValueError(f"slerp_apply: values[{k}] has dtype {v.dtype}, a has {a.dtype} "
-                             "(a transplant copies bits: cast first)")
-        if v.numel() != n:
-            raise ValueError(f"slerp_apply: values[{k}] has {v.numel()} elements, a has {n}")
-        if w.dtype != torch.int32 or w.numel() != (n + 31) // 32:
-            raise ValueError(f"slerp_apply: words[{k}] must be {(n + 31) // 32} int32 words, got {w.numel()} "
-                             f"{w.dtype}")
     out = c0 * a.reshape(-1).float() + c1 * b.reshape(-1).float()
     if base is not None:
         out = out + c2 * base.reshape(-1).float()

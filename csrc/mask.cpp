@@ -2,7 +2,13 @@
 // Bit i of a segment is bit (i % 32) of word offset + i / 32 (little-endian within a word).
 #include "common.h"
 
+#include <cstring>
+
 namespace cpift {
+
+// Eight bool bytes (0/1, little-endian in x) -> eight bits: byte j's bit lands on bit 56 + j of the
+// product and no two partial products overlap, so no carries disturb the top byte.
+inline uint32_t pack8(uint64_t x) { return static_cast<uint32_t>((x * 0x0102040810204080ULL) >> 56); }
 
 at::Tensor mask_pack(const at::Tensor& bits) {
   TORCH_CHECK(bits.dtype() == at::kBool, "mask_pack: bits must be bool, got ", bits.dtype());
@@ -11,17 +17,21 @@ at::Tensor mask_pack(const at::Tensor& bits) {
   const int64_t n = flat.numel();
   const int64_t nwords = (n + 31) / 32;
   at::Tensor words = at::empty({nwords}, flat.options().dtype(at::kInt));
-  const bool* src = flat.data_ptr<bool>();
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(flat.data_ptr<bool>());
   int32_t* dst = words.data_ptr<int32_t>();
-  at::parallel_for(0, nwords, kGrain / 32, [&](int64_t begin, int64_t end) {
+  const int64_t full = n / 32;
+  at::parallel_for(0, full, kGrain / 32, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
-      const int64_t base = w * 32;
-      const int64_t lim = std::min<int64_t>(32, n - base);
-      uint32_t acc = 0;
-      for (int64_t b = 0; b < lim; ++b) acc |= static_cast<uint32_t>(src[base + b]) << b;
-      dst[w] = static_cast<int32_t>(acc);
+      uint64_t x[4];
+      std::memcpy(x, src + w * 32, 32);
+      dst[w] = static_cast<int32_t>(pack8(x[0]) | pack8(x[1]) << 8 | pack8(x[2]) << 16 | pack8(x[3]) << 24);
     }
   });
+  if (full < nwords) {  // the last, partial word
+    uint32_t acc = 0;
+    for (int64_t b = 0; b < n - full * 32; ++b) acc |= static_cast<uint32_t>(src[full * 32 + b] != 0) << b;
+    dst[full] = static_cast<int32_t>(acc);
+  }
   return words;
 }
 

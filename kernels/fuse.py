@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cpift_fast.reference import check_slerp_args
+
 BLOCK = 4096  # elements per program; a multiple of 32, so a block owns whole mask words
 
 _INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -95,25 +97,12 @@ def _apply_kernel(a_ptr, b_ptr, base_ptr, out_ptr, c0, c1, c2, val_ptr, val_offs
     tl.store(out_ptr + i, out, mask=inside)
 
 
-def _check_float(t: torch.Tensor, what: str) -> None:
-    if t.dtype not in _CODE:
-        raise ValueError(f"{what} must be float32, float16 or bfloat16, got {t.dtype}")
-
-
 def _raw(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(_INT_VIEW[t.dtype])
 
 
 def slerp_stats(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-    _check_float(a, "slerp_stats: a")
-    _check_float(b, "slerp_stats: b")
-    if a.numel() != b.numel():
-        raise ValueError(f"slerp_stats: a has {a.numel()} elements (shape {list(a.shape)}), b has {b.numel()} "
-                         f"(shape {list(b.shape)})")
-    if base is not None:
-        _check_float(base, "slerp_stats: base")
-        if base.numel() != a.numel():
-            raise ValueError(f"slerp_stats: base has {base.numel()} elements, a has {a.numel()}")
+    check_slerp_args("slerp_stats", a, b, base)
     n = a.numel()
     if n == 0:
         return torch.zeros(3, dtype=torch.float64, device=a.device)
@@ -140,29 +129,8 @@ def _pointer_table(tensors: list[torch.Tensor], itemsize: int) -> tuple[list[tor
 
 def slerp_apply(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, c0: float, c1: float, c2: float,
                 values: list[torch.Tensor], words: list[torch.Tensor], rule: int) -> torch.Tensor:
-    _check_float(a, "slerp_apply: a")
-    _check_float(b, "slerp_apply: b")
+    check_slerp_args("slerp_apply", a, b, base, values, words, rule)
     n = a.numel()
-    if b.numel() != n:
-        raise ValueError(f"slerp_apply: a has {n} elements (shape {list(a.shape)}), b has {b.numel()} "
-                         f"(shape {list(b.shape)})")
-    if rule not in (0, 1, 2):
-        raise ValueError(f"slerp_apply: rule must be 0 (last), 1 (first) or 2 (mean); got {rule}")
-    if len(values) != len(words):
-        raise ValueError(f"slerp_apply: {len(values)} value tensors but {len(words)} word buffers")
-    if base is not None:
-        _check_float(base, "slerp_apply: base")
-        if base.numel() != n:
-            raise ValueError(f"slerp_apply: base has {base.numel()} elements, a has {n}")
-    for k, (v, w) in enumerate(zip(values, words)):
-        if v.dtype != a.dtype:
-            raise ValueError(f"slerp_apply: values[{k}] has dtype {v.dtype}, a has {a.dtype} "
-                             "(a transplant copies bits: cast first)")
-        if v.numel() != n:
-            raise ValueError(f"slerp_apply: values[{k}] has {v.numel()} elements, a has {n}")
-        if w.dtype != torch.int32 or w.numel() != (n + 31) // 32:
-            raise ValueError(f"slerp_apply: words[{k}] must be {(n + 31) // 32} int32 words, got {w.numel()} "
-                             f"{w.dtype}")
     out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
     if n == 0:
         return out

@@ -1,6 +1,5 @@
 """SLERP (against a mergekit-formula oracle), the fused ops on every backend, and fuse_models."""
 
-import contextlib
 import json
 import math
 import os
@@ -16,22 +15,10 @@ from cpift_fast import reference as R
 from cpift_fast.fuse import TSchedule, layer_index, slerp_coefficients
 from cpift_fast.io import INDEX_NAME, open_tensors
 from cpift_fast.cli import main
+from helpers import forced
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ULP = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
-
-@contextlib.contextmanager
-def forced(backend):
-    old = os.environ.get("CPIFT_BACKEND")
-    os.environ["CPIFT_BACKEND"] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["CPIFT_BACKEND"]
-        else:
-            os.environ["CPIFT_BACKEND"] = old
 
 
 def mergekit_slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8):

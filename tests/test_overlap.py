@@ -1,6 +1,5 @@
 """Overlap counts / Jaccard (all backends, against bool tensors), grouping, stage order, plot, CLI."""
 
-import contextlib
 import json
 import os
 
@@ -11,21 +10,9 @@ from hypothesis import strategies as st
 
 from cpift_fast import ParamMask, _ops, group_tasks, jaccard_matrix, order_stages, overlap_counts, plot_overlap
 from cpift_fast.cli import main
+from helpers import forced
 
 SHAPES = {"a": (1,), "b": (31,), "c": (3, 11), "d": (1000,), "e": (0,)}
-
-
-@contextlib.contextmanager
-def forced(backend):
-    old = os.environ.get("CPIFT_BACKEND")
-    os.environ["CPIFT_BACKEND"] = backend
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["CPIFT_BACKEND"]
-        else:
-            os.environ["CPIFT_BACKEND"] = old
 
 
 def random_bools(gen, density, shapes=SHAPES):

@@ -334,7 +334,7 @@ def test_stage_is_atomic_and_invalidated_by_params_and_inputs(tmp_path):
     assert again.stage("b", "probe", {}, [a], write("x")).digest == b.digest and calls == ["one", "b"]
     third = Run(str(tmp_path / "r"), progress=False)
     a2 = third.stage("a", "base", {"v": 2}, [], write("two"))  # changed setting: re-run
-    b2 = third.stage("b", "probe", {}, [a2], write("b2"))      # changed input: re-run
+    third.stage("b", "probe", {}, [a2], write("b2"))      # changed input: re-run
     assert calls == ["one", "b", "two", "b2"] and a2.digest != a.digest
     os.makedirs(os.path.join(third.root, ".tmp-c-123"))
     Run(str(tmp_path / "r"), progress=False)
