@@ -26,7 +26,7 @@ demo: install
 	$(VENV)/bin/cpift demo
 
 test: install cuda-check
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -v --durations=15 tests
 
 bench: install
 	$(PY) bench/run_all.py

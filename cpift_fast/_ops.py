@@ -218,6 +218,11 @@ def mask_popcount(words: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 MASK_AND, MASK_OR, MASK_ANDNOT, MASK_XOR = 0, 1, 2, 3
 
 
+def mask_binary(a: torch.Tensor, b: torch.Tensor, op: int) -> torch.Tensor:
+    """Word-wise a & b (0), a | b (1), a & ~b (2), a ^ b (3)."""
+    return call("mask_binary", a.device, a, b, op)
+
+
 @_FAKE_REGISTRARS.append
 def _mask_fakes() -> None:
     @torch.library.register_fake("cpift::mask_pack")
@@ -235,11 +240,6 @@ def _mask_fakes() -> None:
     @torch.library.register_fake("cpift::mask_binary")
     def _(a, b, op):
         return torch.empty_like(a)
-
-
-def mask_binary(a: torch.Tensor, b: torch.Tensor, op: int) -> torch.Tensor:
-    """Word-wise a & b (0), a | b (1), a & ~b (2), a ^ b (3)."""
-    return call("mask_binary", a.device, a, b, op)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
     cpift info                       what was built, which backend each op uses
     cpift demo                       the built-in end-to-end demo (what `make demo` runs)
     cpift core BASE TUNED -o M       core region: exact global top-k of |tuned − base| (--plot, per layer)
+    cpift overlap A.mask B.mask ...  Jaccard matrix of task cores and the groups (--tau, --plot)
+    cpift fuse --backbone DIR --task NAME=DIR:MASK ... -o OUT   core transplant + SLERP, streamed
     cpift run CONFIG.yaml            CPI-FT + baselines from a config; resumable (--from STAGE, --seeds N)
 """
 
@@ -39,6 +41,131 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value (dotted key, YAML value), e.g. --set cpift.p=0.05; repeatable")
 
 
+def _cmd_core(args: argparse.Namespace) -> int:
+    """`cpift core BASE TUNED`: select, print k / threshold / time / per-layer breakdown, save."""
+    from .select import DEFAULT_LAYER_PATTERN, core_region, layer_breakdown, plot_core_share
+
+    pattern = args.layer_pattern or DEFAULT_LAYER_PATTERN
+    mask = core_region(args.base, args.tuned, args.fraction, mode=args.mode, scope=args.scope,
+                       layer_pattern=pattern, progress=not args.no_progress)
+    info = mask.info
+    thr = f"{info.threshold:.6g}" if info.threshold is not None else "n/a (scope is not global or nothing selected)"
+    print(f"elements N = {info.numel}, fraction = {info.fraction}, k = {info.k}, selected = {info.selected}"
+          f" ({info.nonzero} nonzero diffs), mode = {info.mode}, scope = {info.scope}")
+    print(f"threshold |diff| = {thr}; time {info.seconds:.2f} s")
+    if info.mode == "approx":
+        print(f"approx count error bound: ±{info.error_bound} (actual {info.selected - info.k:+d})")
+    if info.short_by:
+        print(f"note: only {info.nonzero} elements changed; the mask is short of k by {info.short_by}")
+    rows = layer_breakdown(mask, pattern)
+    total = max(1, info.selected)
+    print(f"{'layer':>10} {'elements':>14} {'core':>12} {'share':>8} {'density':>8}")
+    for layer, n, c in rows:
+        print(f"{layer:>10} {n:>14} {c:>12} {100 * c / total:>7.2f}% {100 * c / max(n, 1):>7.3f}%")
+    if args.output:
+        mask.save(args.output)
+        print(f"mask written to {args.output}")
+    if args.plot:
+        plot_core_share(rows, args.plot, f"core region ({info.fraction:g}, {info.mode}, {info.scope})")
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _cmd_overlap(args: argparse.Namespace) -> int:
+    """`cpift overlap A.mask B.mask ... --tau 0.1 [--plot overlap.png]`."""
+    import os
+
+    import torch
+
+    from .mask import ParamMask
+    from .overlap import format_matrix, group_tasks, order_stages, overlap_counts, plot_overlap
+
+    masks = [ParamMask.load(p) for p in args.masks]
+    names = args.names.split(",") if args.names else [os.path.splitext(os.path.basename(p))[0] for p in args.masks]
+    if len(names) != len(masks):
+        raise SystemExit(f"--names gives {len(names)} names for {len(masks)} masks")
+    inter, union = overlap_counts(masks)
+    J = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), 0.0)
+    groups = group_tasks(J, args.tau, names)
+    print(format_matrix(J, names))
+    print("\ncore sizes: " + ", ".join(f"{n}={c}" for n, c in zip(names, inter.diagonal().tolist())))
+    print(f"groups at tau = {args.tau:g}: {groups}")
+    result = {"names": names, "jaccard": J.tolist(), "intersection": inter.tolist(), "union": union.tolist(),
+              "tau": args.tau, "groups": groups}
+    if args.order:
+        stages = order_stages(groups, args.order, seed=args.seed, masks=dict(zip(names, masks)))
+        print(f"stage order ({args.order}): {stages}")
+        result["stages"] = stages
+    if args.plot:
+        print(f"plot: {plot_overlap(J, names, groups, args.plot, tau=args.tau)}")
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def _parse_t(text: str):
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise SystemExit(f"-t must be a number or JSON (anchor list or filter dict), got {text!r}") from None
+
+
+def _cmd_fuse(args: argparse.Namespace) -> int:
+    """`cpift fuse --backbone DIR --task NAME=DIR:MASK ... -t 0.5 -o OUT`."""
+    import os
+
+    from .fuse import fuse_models, plot_fusion
+
+    tasks: dict[str, str] = {}
+    cores: dict[str, str] = {}
+    for spec in args.task:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest:
+            raise SystemExit(f"--task must be NAME=DIR[:MASK], got {spec!r}")
+        if name in tasks:
+            raise SystemExit(f"--task {name!r} given twice")
+        path, mask = rest, None
+        if ":" in rest:
+            head, _, tail = rest.rpartition(":")
+            if tail.endswith(".mask") or os.path.isfile(tail):
+                path, mask = head, tail
+        tasks[name] = path
+        if mask is not None:
+            cores[name] = mask
+    if cores and set(cores) != set(tasks):
+        raise SystemExit(f"give a core mask for every task or for none (masks for {sorted(cores)} only)")
+    out, stats = fuse_models(args.backbone, tasks, cores or None, t=_parse_t(args.t), base=args.base,
+                             overlap_rule=args.overlap_rule, out=args.output, space=args.space,
+                             dot_threshold=args.dot_threshold, max_shard_size=args.max_shard_size,
+                             overwrite=args.overwrite, progress=not args.no_progress)
+    angles = [e["angle_deg"] for e in stats["tensors"].values() if e.get("angle_deg") == e.get("angle_deg")
+              and "angle_deg" in e]
+    print(f"fused {len(stats['tensors'])} tensors ({stats['elements']} elements) into {out}")
+    print(f"modes: {stats['modes']}")
+    print(f"transplanted {stats['transplanted']} core elements ({stats['overlapping']} in more than one core, "
+          f"rule {stats['overlap_rule']!r})")
+    if angles:
+        print(f"angle (deg, {stats['space']}): min {min(angles):.3f}  median {sorted(angles)[len(angles) // 2]:.3f}  "
+              f"max {max(angles):.3f}")
+    if args.stats:
+        with open(args.stats, "w") as f:
+            json.dump(stats, f, indent=2, default=str)
+    if args.plot:
+        print(f"plot: {plot_fusion(stats, args.plot)}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline.driver import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpift", description="Core-parameter isolation fine-tuning, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="write the mask here (ParamMask safetensors file)")
     p.add_argument("--plot", help="save a bar chart of the core share per layer (.png/.pdf/.svg)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=lambda args: __import__("cpift_fast.select", fromlist=["run_cli"]).run_cli(args))
+    p.set_defaults(func=_cmd_core)
     # [issue 5] cpift overlap, cpift fuse
     p = sub.add_parser("overlap", help="Jaccard overlap of task core masks, and the task groups")
     p.add_argument("masks", nargs="+", help="ParamMask files (one per task; the task name is the file stem)")
@@ -71,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --order random")
     p.add_argument("--plot", help="save the heatmap with the groups outlined (.png/.pdf/.svg)")
     p.add_argument("--json", dest="json_out", help="write matrix, counts and groups as JSON here")
-    p.set_defaults(func=lambda args: __import__("cpift_fast.overlap", fromlist=["run_cli"]).run_cli(args))
+    p.set_defaults(func=_cmd_overlap)
 
     p = sub.add_parser("fuse", help="fuse task models into a backbone: core transplant + SLERP, streamed")
     p.add_argument("--backbone", required=True, help="backbone checkpoint (directory or .safetensors)")
@@ -90,12 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", help="write the per-tensor stats as JSON here")
     p.add_argument("--plot", help="save a per-tensor chart of angles and transplanted shares (.png/.pdf/.svg)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=lambda args: __import__("cpift_fast.fuse", fromlist=["run_cli"]).run_cli(args))
+    p.set_defaults(func=_cmd_fuse)
     # [issue 6] cpift run (and the pipeline's demo replaces _cmd_demo)
     p = sub.add_parser("run", help="run (or resume) a CPI-FT pipeline + baselines from a YAML config")
     p.add_argument("config", help="YAML config (see examples/demo.yaml)")
     _pipeline_args(p)
-    p.set_defaults(func=lambda args: __import__("cpift_fast.pipeline.driver", fromlist=["run_cli"]).run_cli(args))
+    p.set_defaults(func=_cmd_run)
 
     return parser
 

@@ -193,31 +193,3 @@ def format_matrix(jaccard: torch.Tensor, names: Sequence[str]) -> str:
         lines.append(f"{n:>{width}} " + " ".join(f"{v:>{width}.4f}" if not math.isnan(v) else f"{'nan':>{width}}"
                                                  for v in row))
     return "\n".join(lines)
-
-
-def run_cli(args) -> int:
-    """`cpift overlap A.mask B.mask ... --tau 0.1 [--plot overlap.png]`."""
-    import json
-
-    masks = [ParamMask.load(p) for p in args.masks]
-    names = args.names.split(",") if args.names else [os.path.splitext(os.path.basename(p))[0] for p in args.masks]
-    if len(names) != len(masks):
-        raise SystemExit(f"--names gives {len(names)} names for {len(masks)} masks")
-    inter, union = overlap_counts(masks)
-    J = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), 0.0)
-    groups = group_tasks(J, args.tau, names)
-    print(format_matrix(J, names))
-    print("\ncore sizes: " + ", ".join(f"{n}={c}" for n, c in zip(names, inter.diagonal().tolist())))
-    print(f"groups at tau = {args.tau:g}: {groups}")
-    result = {"names": names, "jaccard": J.tolist(), "intersection": inter.tolist(), "union": union.tolist(),
-              "tau": args.tau, "groups": groups}
-    if args.order:
-        stages = order_stages(groups, args.order, seed=args.seed, masks=dict(zip(names, masks)))
-        print(f"stage order ({args.order}): {stages}")
-        result["stages"] = stages
-    if args.plot:
-        print(f"plot: {plot_overlap(J, names, groups, args.plot, tau=args.tau)}")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
-    return 0

@@ -440,31 +440,3 @@ def plot_core_share(rows: list[tuple[str, int, int]], path: str, title: str = "c
         raise
     finally:
         plt.close(fig)
-
-
-def run_cli(args) -> int:
-    """`cpift core BASE TUNED`: select, print k / threshold / time / per-layer breakdown, save."""
-    pattern = args.layer_pattern or DEFAULT_LAYER_PATTERN
-    mask = core_region(args.base, args.tuned, args.fraction, mode=args.mode, scope=args.scope,
-                       layer_pattern=pattern, progress=not args.no_progress)
-    info = mask.info
-    thr = f"{info.threshold:.6g}" if info.threshold is not None else "n/a (scope is not global or nothing selected)"
-    print(f"elements N = {info.numel}, fraction = {info.fraction}, k = {info.k}, selected = {info.selected}"
-          f" ({info.nonzero} nonzero diffs), mode = {info.mode}, scope = {info.scope}")
-    print(f"threshold |diff| = {thr}; time {info.seconds:.2f} s")
-    if info.mode == "approx":
-        print(f"approx count error bound: ±{info.error_bound} (actual {info.selected - info.k:+d})")
-    if info.short_by:
-        print(f"note: only {info.nonzero} elements changed; the mask is short of k by {info.short_by}")
-    rows = layer_breakdown(mask, pattern)
-    total = max(1, info.selected)
-    print(f"{'layer':>10} {'elements':>14} {'core':>12} {'share':>8} {'density':>8}")
-    for layer, n, c in rows:
-        print(f"{layer:>10} {n:>14} {c:>12} {100 * c / total:>7.2f}% {100 * c / max(n, 1):>7.3f}%")
-    if args.output:
-        mask.save(args.output)
-        print(f"mask written to {args.output}")
-    if args.plot:
-        plot_core_share(rows, args.plot, f"core region ({info.fraction:g}, {info.mode}, {info.scope})")
-        print(f"plot written to {args.plot}")
-    return 0
