@@ -110,6 +110,47 @@ __attribute__((optimize("fp-contract=off"))) void blend(float* x, const float* y
   }
 }
 
+// out = c0·a + c1·b (+ c2·z) straight from fp32 inputs to an fp32 output (no scratch copies),
+// with the same rounding as blend().
+__attribute__((optimize("fp-contract=off"))) void blend_f32(float* out, const float* a, const float* b,
+                                                            const float* z, int64_t n, float c0, float c1,
+                                                            float c2) {
+  if (z != nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = c0 * a[i] + c1 * b[i] + c2 * z[i];
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = c0 * a[i] + c1 * b[i];
+  }
+}
+
+// (Σ u·v, Σ u², Σ v²) added to acc, u = a − z, v = b − z (z null: u = a, v = b), straight from
+// fp32 inputs (no scratch copies); the differences are rounded to fp32 exactly as in the chunked path.
+void dot3_f32(const float* a, const float* b, const float* z, int64_t n, double acc[3]) {
+  double fuv = 0, fuu = 0, fvv = 0;
+  if (z != nullptr) {
+#pragma omp simd reduction(+ : fuv, fuu, fvv)
+    for (int64_t i = 0; i < n; ++i) {
+      const float uf = a[i] - z[i], vf = b[i] - z[i];
+      const double x = uf, y = vf;
+      fuv += x * y;
+      fuu += x * x;
+      fvv += y * y;
+    }
+  } else {
+#pragma omp simd reduction(+ : fuv, fuu, fvv)
+    for (int64_t i = 0; i < n; ++i) {
+      const double x = a[i], y = b[i];
+      fuv += x * y;
+      fuu += x * x;
+      fvv += y * y;
+    }
+  }
+  acc[0] += fuv;
+  acc[1] += fuu;
+  acc[2] += fvv;
+}
+
 }  // namespace
 
 at::Tensor slerp_stats(const at::Tensor& a_, const at::Tensor& b_, const std::optional<at::Tensor>& base_) {
@@ -128,12 +169,23 @@ at::Tensor slerp_stats(const at::Tensor& a_, const at::Tensor& b_, const std::op
   const int64_t n = a.numel();
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   const int nthreads = at::get_num_threads();
+  const bool all_f32 = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                       (!has_base || base.scalar_type() == at::kFloat);
   std::vector<double> partial(3 * static_cast<size_t>(nthreads) * 8, 0.0);  // padded: one cache line each
   at::parallel_for(0, nchunks, std::max<int64_t>(1, kGrain / kChunk), [&](int64_t cb, int64_t ce) {
     alignas(64) float u[kChunk], v[kChunk], w[kChunk];
     double suv = 0, suu = 0, svv = 0;
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t start = c * kChunk, len = std::min(kChunk, n - start);
+      if (all_f32) {
+        double acc[3] = {0, 0, 0};
+        dot3_f32(a.const_data_ptr<float>() + start, b.const_data_ptr<float>() + start,
+                 has_base ? base.const_data_ptr<float>() + start : nullptr, len, acc);
+        suv += acc[0];
+        suu += acc[1];
+        svv += acc[2];
+        continue;
+      }
       load_f32(a, start, len, u);
       load_f32(b, start, len, v);
       if (has_base) {
@@ -210,15 +262,22 @@ at::Tensor slerp_apply(const at::Tensor& a_, const at::Tensor& b_, const std::op
   std::vector<const char*> vb;
   for (const auto& v : values) vb.push_back(static_cast<const char*>(v.const_data_ptr()));
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  const bool all_f32 = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                       (!has_base || base.scalar_type() == at::kFloat);
   at::parallel_for(0, nchunks, std::max<int64_t>(1, kGrain / kChunk), [&](int64_t cb, int64_t ce) {
     alignas(64) float x[kChunk], y[kChunk], z[kChunk];
     for (int64_t c = cb; c < ce; ++c) {
       const int64_t start = c * kChunk, len = std::min(kChunk, n - start);
-      load_f32(a, start, len, x);
-      load_f32(b, start, len, y);
-      if (has_base) load_f32(base, start, len, z);
-      blend(x, y, has_base ? z : nullptr, len, f0, f1, f2);
-      store_cast(x, start, len, out);
+      if (all_f32) {
+        blend_f32(out.data_ptr<float>() + start, a.const_data_ptr<float>() + start, b.const_data_ptr<float>() + start,
+                  has_base ? base.const_data_ptr<float>() + start : nullptr, len, f0, f1, f2);
+      } else {
+        load_f32(a, start, len, x);
+        load_f32(b, start, len, y);
+        if (has_base) load_f32(base, start, len, z);
+        blend(x, y, has_base ? z : nullptr, len, f0, f1, f2);
+        store_cast(x, start, len, out);
+      }
       if (K == 0) continue;
       const int64_t w0 = start / 32, w1 = (start + len + 31) / 32;
       if (rule != 2) {
