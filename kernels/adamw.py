@@ -29,19 +29,26 @@ def _block() -> int:
 
 
 @triton.jit
+def _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    """(tensor index, element offsets, lanes inside the tensor whose frozen bit is clear) of this program."""
+    pid = tl.program_id(0)
+    t = tl.load(blk_tensor_ptr + pid)
+    offs = tl.load(blk_start_ptr + pid) + tl.arange(0, BLOCK)
+    lanes = offs < tl.load(numel_ptr + t)
+    if HAS_MASK:
+        words = tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32))
+        word = tl.load(words + (offs >> 5), mask=lanes, other=0).to(tl.uint32, bitcast=True)
+        lanes = lanes & (((word >> (offs & 31).to(tl.uint32)) & 1) == 0)
+    return t, offs, lanes
+
+
+@triton.jit
 def _masked_adamw_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs,
                          w_ptrs, step_size_ptr, bc2_sqrt_ptr, grad_scale_ptr, decay, one_minus_beta1, beta2,
                          one_minus_beta2, eps, grad_sign, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
                          AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
                          BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(blk_tensor_ptr + pid)
-    offs = tl.load(blk_start_ptr + pid) + tl.arange(0, BLOCK)
-    write = offs < tl.load(numel_ptr + t)
-    if HAS_MASK:
-        words = tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32))
-        word = tl.load(words + (offs >> 5), mask=write, other=0).to(tl.uint32, bitcast=True)
-        write = write & (((word >> (offs & 31).to(tl.uint32)) & 1) == 0)
+    t, offs, write = _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK, BLOCK)
     p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(P_DTYPE))
     m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(S_DTYPE))
@@ -73,17 +80,10 @@ def _masked_adamw_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_ptrs, g_ptr
 @triton.jit
 def _masked_sq_sum_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, g_ptrs, w_ptrs, out_ptr,
                           G_DTYPE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(blk_tensor_ptr + pid)
-    offs = tl.load(blk_start_ptr + pid) + tl.arange(0, BLOCK)
-    keep = offs < tl.load(numel_ptr + t)
-    if HAS_MASK:
-        words = tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32))
-        word = tl.load(words + (offs >> 5), mask=keep, other=0).to(tl.uint32, bitcast=True)
-        keep = keep & (((word >> (offs & 31).to(tl.uint32)) & 1) == 0)
+    t, offs, keep = _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK, BLOCK)
     g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DTYPE))
     g = tl.load(g_ptr + offs, mask=keep, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid, tl.sum(g * g, axis=0))
+    tl.store(out_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
 
 
 @functools.lru_cache(maxsize=64)
