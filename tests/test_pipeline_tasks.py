@@ -12,7 +12,9 @@ from cpift_fast.pipeline.report import forgetting_table, results_table
 from cpift_fast.pipeline.tasks import (SYNTHETIC, gsm8k_match, load_codealpaca, load_gsm8k, make_synthetic,
                                        normalized_match, pretraining_mix)
 
-DATA = "/work/shared/data"
+# real public data beside the checkout (../shared/data), when present; tests using it skip otherwise
+DATA = os.environ.get("CPIFT_SHARED_DATA",
+                      os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data"))
 
 
 def test_synthetic_tasks_are_deterministic_disjoint_and_distinct():
@@ -61,7 +63,7 @@ def test_tokenisation_masks_the_prompt():
     assert sum(1 for p, _ in mix if p.startswith("cpy ")) == 6
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "gsm8k")), reason="real data not present in /work/shared/data")
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "gsm8k")), reason="real data (../shared/data) not present")
 def test_gsm8k_loader_local():
     task = load_gsm8k(os.path.join(DATA, "gsm8k"), n_train=20, n_test=5, seed=0)
     assert len(task.train) == 20 and len(task.test) == 5
@@ -70,7 +72,7 @@ def test_gsm8k_loader_local():
     assert task.score([a for _, a in task.test]) == 1.0
 
 
-@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "codealpaca")), reason="real data not present in /work/shared/data")
+@pytest.mark.skipif(not os.path.isdir(os.path.join(DATA, "codealpaca")), reason="real data (../shared/data) not present")
 def test_codealpaca_loader_local():
     path = os.path.join(DATA, "codealpaca", "code_alpaca_2k.json")
     task = load_codealpaca(path, n_train=30, n_test=10, seed=0)
