@@ -267,6 +267,20 @@ def test_training_with_an_optimizer_that_ignores_the_mask_is_caught(monkeypatch)
         train_mod.train(model, tok, task.train, spec, frozen=mask, progress=False)
 
 
+def test_clipping_measures_trainable_gradients_only():
+    """Huge frozen gradients must not shrink the trainable ones (Trainer's clip would)."""
+    w = torch.nn.Parameter(torch.zeros(4))
+    w.grad = torch.tensor([3.0, 4.0, 1000.0, -1000.0])
+    mask = ParamMask.from_bool({"w": torch.tensor([False, False, True, True])})
+    norm = train_mod.clip_trainable_grads_([("w", w)], mask, max_norm=1.0)
+    assert norm == pytest.approx(5.0)
+    scale = 1.0 / (5.0 + 1e-6)
+    assert torch.allclose(w.grad[:2], torch.tensor([3.0, 4.0]) * scale)
+    w.grad = torch.tensor([0.3, 0.4, 1000.0, -1000.0])
+    train_mod.clip_trainable_grads_([("w", w)], mask, max_norm=1.0)  # under the limit: untouched
+    assert w.grad.tolist() == pytest.approx([0.3, 0.4, 1000.0, -1000.0])
+
+
 # ----- config errors come before any training ----------------------------------------------------
 
 @pytest.mark.parametrize("change, message", [

@@ -3,7 +3,10 @@
 Schedule: cosine decay with linear warm-up over the first ``warmup_ratio`` (3%) of the steps
 (``get_cosine_schedule_with_warmup``). Loss on response tokens only (see data.py). Elements marked in
 ``frozen`` are never changed by the optimizer (MaskedAdamW: no update, no weight decay, no moment
-drift), and ``FreezeGuard`` verifies that bit for bit after training.
+drift), and ``FreezeGuard`` verifies that bit for bit after training. Gradient clipping uses the
+norm of the *trainable* gradients (``masked_grad_norm``), so frozen elements' gradients do not
+shrink the updates of the others: g ← g · min(1, max_norm / (‖g_trainable‖ + 1e-6)), as
+``clip_grad_norm_`` but over the trainable elements.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..mask import ParamMask
-from ..optim import MaskedAdamW
+from ..optim import MaskedAdamW, masked_grad_norm
 from .data import Collator, SFTDataset
 from .freeze import FreezeGuard
 from .tasks import Example
@@ -39,6 +42,17 @@ class TrainSpec:
 
 def num_steps(n_examples: int, spec: TrainSpec) -> int:
     return max(1, math.ceil(spec.epochs * math.ceil(n_examples / spec.batch_size)))
+
+
+def clip_trainable_grads_(named: list, frozen: ParamMask | None, max_norm: float) -> float:
+    """Scale every gradient by min(1, max_norm / (‖trainable grads‖ + 1e-6)); return that norm."""
+    norm = float(masked_grad_norm(named, frozen))
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1.0:
+        for _, p in named:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
 
 
 def train(model, tok, examples: list[Example], spec: TrainSpec, *, frozen: ParamMask | None = None,
@@ -80,16 +94,25 @@ def train(model, tok, examples: list[Example], spec: TrainSpec, *, frozen: Param
         def on_train_end(self, args, state, control, **kw):
             self.bar.close()
 
+    named = list(model.named_parameters())
+
+    class _ClipTrainable(TrainerCallback):
+        """Clips by the norm of the trainable gradients (the Trainer's own clipping is off)."""
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            if spec.max_grad_norm > 0:
+                clip_trainable_grads_(named, frozen, spec.max_grad_norm)
+
     with tempfile.TemporaryDirectory(prefix="cpift-trainer-") as tmp:
         args = TrainingArguments(
             output_dir=tmp, max_steps=steps, per_device_train_batch_size=spec.batch_size,
-            learning_rate=spec.lr, max_grad_norm=spec.max_grad_norm, logging_steps=max(1, steps // 25),
+            learning_rate=spec.lr, max_grad_norm=0.0, logging_steps=max(1, steps // 25),
             save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
             disable_tqdm=True, log_level="error", dataloader_num_workers=0, remove_unused_columns=False,
         )
         trainer = Trainer(model=model, args=args, train_dataset=SFTDataset(examples, tok, spec.max_len),
                           data_collator=Collator(tok.pad_token_id), optimizers=(opt, sched),
-                          callbacks=[_Log()])
+                          callbacks=[_Log(), _ClipTrainable()])
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.train()
