@@ -30,7 +30,7 @@ class FreezeGuard:
     def __init__(self, model: torch.nn.Module, mask: ParamMask | None, what: str = "stage"):
         self.what = what
         self.mask = mask
-        self.snapshot: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.snapshot: dict[str, torch.Tensor] = {}  # name -> raw bits of its frozen elements
         if mask is None or mask.count() == 0:
             return
         params = dict(model.named_parameters())
@@ -41,20 +41,20 @@ class FreezeGuard:
         for name in mask.names:
             if name not in params:
                 continue  # a checkpoint tensor that is not a parameter, with nothing frozen in it
-            bits = mask.tensor_bits(name).cpu()
-            if bits.any():  # kept on the CPU: the trainer may move the model to another device
+            if counts[name]:  # kept on the CPU: the trainer may move the model to another device
                 p = params[name].detach()
-                self.snapshot[name] = (bits, _bits(p[bits.to(p.device)]).cpu().clone())
+                self.snapshot[name] = _bits(p[mask.tensor_bits(name).to(p.device)]).cpu().clone()
 
     @property
     def frozen_count(self) -> int:
-        return sum(int(v.numel()) for _, v in self.snapshot.values())
+        return sum(int(v.numel()) for v in self.snapshot.values())
 
     def check(self, model: torch.nn.Module) -> int:
         """Raise FrozenDriftError if any frozen element differs; return how many were checked."""
         params = dict(model.named_parameters())
-        for name, (bits, saved) in self.snapshot.items():
+        for name, saved in self.snapshot.items():
             p = params[name].detach()
+            bits = self.mask.tensor_bits(name)  # unpacked one tensor at a time: 1 bit/element at rest
             now = _bits(p[bits.to(p.device)]).cpu()
             if not torch.equal(now, saved):
                 bad = (now != saved).nonzero().flatten()
