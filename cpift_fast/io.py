@@ -17,16 +17,22 @@ Reading — ``open_tensors(src) -> TensorSource`` accepts
 directories the *natural* order of the names (digit runs compare as numbers, so ``layers.2``
 precedes ``layers.10``), which does not depend on how tensors were spread over shards.
 ``shape(name)``, ``dtype(name)`` and ``numel(name)`` read only the headers. ``get(name)`` returns one
-tensor (read through the safetensors mmap for files); iterating yields ``(name, tensor)`` pairs in
-``names`` order, so a consumer that drops each tensor before the next holds one at a time.
-Tensors from modules are returned detached (no copy).
+tensor (for files: a private copy-on-write map of that tensor's bytes alone, or a ``pread`` copy
+for small or misaligned ones; a dropped tensor's pages leave the process at once, so a streamed
+pass over any checkpoint size stays at the tensors it holds);
+iterating yields ``(name, tensor)`` pairs in ``names`` order, so a consumer that drops each tensor
+before the next holds one at a time. Tensors from modules are returned detached (no copy).
+Every header is checked when the source opens (``CheckpointError`` naming the file, and the
+tensor where one is at fault: truncated files, bad JSON, offsets that do not cover the data, a
+broken shard index).
 
 Writing — ``ShardedWriter(path, max_shard_size=...)`` is a context manager; ``add(name, tensor)``
 writes the tensor's bytes to the current shard at once (nothing is buffered), and on a clean exit
 the shards are renamed ``model-0000i-of-0000N.safetensors``, ``model.safetensors.index.json`` (the
 transformers format, ``metadata.total_size`` in bytes) is written, and the temporary directory is
 renamed into place (atomic: readers see the old directory or the complete new one; on an error the
-temporary directory is removed). Every shard header carries ``{"format": "pt"}`` plus the
+temporary directory is removed; the files are fsynced before the rename, and the directory gets
+the mode ``mkdir`` would give under the process umask). Every shard header carries ``{"format": "pt"}`` plus the
 ``metadata`` given. A shard is closed before a tensor that would push it past ``max_shard_size``
 (a single bigger tensor gets a shard of its own). Each shard's header is written into space
 reserved at its start and padded with spaces (allowed by the safetensors format); a header that
@@ -37,11 +43,13 @@ outgrows the reservation is handled by rewriting that one shard through a stream
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
 import struct
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -146,42 +154,201 @@ def _in_memory(pairs: list[tuple[str, torch.Tensor]], description: str) -> Tenso
                         {n: t.dtype for n, t in table.items()}, table.__getitem__, description)
 
 
-def _safetensors_files(files: list[str], description: str) -> TensorSource:
-    from safetensors import safe_open
+class CheckpointError(ValueError):
+    """A checkpoint file or index is unreadable or malformed; the message names the file (and tensor)."""
 
-    handles = {}
+
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
+_MAP_MIN = 1 << 16  # tensors at least this big are mapped, smaller ones read
+
+
+class SafetensorsFile:
+    """One ``.safetensors`` file: the header parsed and checked up front, tensors read on demand.
+
+    A tensor of 64 KiB or more at an aligned offset is a private (copy-on-write) map of its own
+    pages, unmapped when the tensor is freed; others are ``pread`` into a fresh tensor. Nothing
+    stays mapped between reads (a whole-file map, as safetensors keeps, holds every page ever
+    touched resident until the file is closed), so the resident memory of a streamed pass is the
+    tensors alive at once, whatever the checkpoint size. A file truncated *while* a tensor of it is
+    mapped raises SIGBUS on access, as with any memory map.
+
+    Every check the safetensors library makes is made here, with the file (and tensor) named:
+    header length, JSON, dtypes, shapes, offsets, and that the tensors exactly cover the data.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise CheckpointError(f"cannot open checkpoint file {path}: {exc.strerror or exc}") from None
+        try:
+            self._parse()
+        except BaseException:
+            self.close()
+            raise
+
+    def _bad(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: {what}")
+
+    def _parse(self) -> None:
+        size = os.fstat(self._fd).st_size
+        if size < 8:
+            raise self._bad(f"not a safetensors file ({size} bytes; the 8-byte header length is missing)")
+        (n,) = struct.unpack("<Q", self._pread(8, 0))
+        if n > min(size - 8, _MAX_HEADER):
+            raise self._bad(f"invalid header length {n} (the file has {size} bytes): truncated or not a "
+                            f"safetensors file")
+        try:
+            header = json.loads(self._pread(n, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self._bad(f"the safetensors header is not valid JSON ({exc})") from None
+        if not isinstance(header, dict):
+            raise self._bad("the safetensors header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise self._bad("the safetensors __metadata__ is not a string-to-string object")
+        self.metadata: dict[str, str] = meta
+        self._start = 8 + n
+        data_size = size - self._start
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        spans = []
+        for name, e in header.items():
+            if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+                raise self._bad(f"tensor {name!r}: header entry lacks dtype/shape/data_offsets")
+            if e["dtype"] not in _ST_TO_TORCH:
+                raise self._bad(f"tensor {name!r} has unsupported dtype {e['dtype']!r}")
+            shape, offs = e["shape"], e["data_offsets"]
+            if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+                raise self._bad(f"tensor {name!r}: invalid shape {shape!r}")
+            if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)
+                    and 0 <= offs[0] <= offs[1]):
+                raise self._bad(f"tensor {name!r}: invalid data_offsets {offs!r}")
+            dtype = _ST_TO_TORCH[e["dtype"]]
+            numel = 1
+            for d in shape:
+                numel *= d
+            if offs[1] - offs[0] != numel * _itemsize(dtype):
+                raise self._bad(f"tensor {name!r}: {offs[1] - offs[0]} data bytes for {e['dtype']} of shape "
+                                f"{shape} (needs {numel * _itemsize(dtype)})")
+            if offs[1] > data_size:
+                raise self._bad(f"tensor {name!r} lies past the end of the file (needs {self._start + offs[1]} "
+                                f"bytes, the file has {size}): the file is truncated")
+            self.entries[name] = (dtype, tuple(shape), offs[0], offs[1])
+            spans.append((offs[0], offs[1], name))
+        end = 0
+        for a, b, name in sorted(spans):
+            if a != end:
+                raise self._bad(f"data bytes {min(a, end)}..{max(a, end)} are {'not covered' if a > end else 'shared'} "
+                                f"(at tensor {name!r}): the file is corrupt")
+            end = b
+        if end != data_size:
+            raise self._bad(f"{data_size - end} bytes after the last tensor: the file is corrupt (incomplete "
+                            f"metadata, file not fully covered)")
+
+    def _pread(self, n: int, offset: int) -> bytes:
+        data = os.pread(self._fd, n, offset)
+        if len(data) != n:
+            raise self._bad(f"unexpected end of file at byte {offset + len(data)} (the file changed while read)")
+        return data
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def read(self, name: str) -> torch.Tensor:
+        """A fresh tensor holding `name`'s bytes."""
+        dtype, shape, a, b = self.entries[name]
+        t = torch.empty(shape, dtype=dtype)
+        if b == a:
+            return t
+        if self._fd is None:
+            raise self._bad(f"tensor {name!r} read after the file was closed")
+        at = self._start + a
+        if at % t.element_size() == 0 and b - a >= _MAP_MIN:
+            # a private map of just this tensor's pages: no copy, and unmapped when the tensor dies
+            page = at - at % mmap.ALLOCATIONGRANULARITY
+            try:
+                mapped = mmap.mmap(self._fd, at + (b - a) - page, offset=page, access=mmap.ACCESS_COPY)
+            except OSError as exc:
+                raise self._bad(f"cannot map tensor {name!r}: {exc.strerror or exc}") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # frombuffer: the map is writable (copy on write)
+                raw = torch.frombuffer(mapped, dtype=torch.uint8, count=b - a, offset=at - page)
+            return raw.view(dtype).view(shape)
+        view = memoryview(t.view(-1).view(torch.uint8).numpy())
+        pos, total = 0, b - a
+        try:
+            while pos < total:
+                got = os.preadv(self._fd, [view[pos:]], self._start + a + pos)
+                if got == 0:
+                    raise self._bad(f"tensor {name!r}: unexpected end of file (the file shrank while read)")
+                pos += got
+        except OSError as exc:
+            raise self._bad(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
+        return t
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _safetensors_files(files: list[str], description: str) -> TensorSource:
+    opened: dict[str, SafetensorsFile] = {}
     where: dict[str, str] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    dtypes: dict[str, torch.dtype] = {}
     try:
         for path in files:
-            handle = safe_open(path, framework="pt", device="cpu")
-            handles[path] = handle
-            for name in handle.keys():
+            f = opened[path] = SafetensorsFile(path)
+            for name in f.names:
                 if name in where:
-                    raise ValueError(f"{description}: tensor {name!r} is in both {where[name]} and {path}")
+                    raise CheckpointError(f"{description}: tensor {name!r} is in both {where[name]} and {path}")
                 where[name] = path
-                sl = handle.get_slice(name)
-                shapes[name] = tuple(sl.get_shape())
-                st_dtype = sl.get_dtype()
-                if st_dtype not in _ST_TO_TORCH:
-                    raise ValueError(f"{description}: tensor {name!r} has unsupported dtype {st_dtype}")
-                dtypes[name] = _ST_TO_TORCH[st_dtype]
     except BaseException:
-        handles.clear()
+        for f in opened.values():
+            f.close()
         raise
     names = sorted(where, key=natural_key)
-    return TensorSource(names, shapes, dtypes, lambda name: handles[where[name]].get_tensor(name), description,
-                        close=handles.clear)
+    shapes = {n: opened[where[n]].entries[n][1] for n in names}
+    dtypes = {n: opened[where[n]].entries[n][0] for n in names}
+
+    def close():
+        for f in opened.values():
+            f.close()
+
+    return TensorSource(names, shapes, dtypes, lambda name: opened[where[name]].read(name), description, close=close)
 
 
 def _directory(path: str) -> TensorSource:
     index = os.path.join(path, INDEX_NAME)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        try:
+            with open(index, encoding="utf-8") as f:
+                data = json.load(f)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read shard index {index}: {exc.strerror or exc}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"shard index {index} is not valid JSON ({exc})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no 'weight_map' object")
+            raise CheckpointError(f"shard index {index} has no 'weight_map' object")
+        bad = [f for f in weight_map.values() if not isinstance(f, str) or not f or os.path.basename(f) != f
+               or f in (".", "..")]
+        if bad:
+            raise CheckpointError(f"shard index {index} names {bad[0]!r}, which is not a file name in {path}")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
@@ -192,7 +359,8 @@ def _directory(path: str) -> TensorSource:
             absent = sorted(set(weight_map) - set(source.names), key=natural_key)
             detail = f"{sorted(extra)[0]!r} is in a shard but not in the index" if extra else \
                 f"{absent[0]!r} is in the index but in no shard"
-            raise ValueError(f"{index} does not match its shards: {detail}")
+            source.close()
+            raise CheckpointError(f"{index} does not match its shards: {detail}")
         return source
     single = os.path.join(path, SINGLE_NAME)
     if os.path.isfile(single):
@@ -229,6 +397,35 @@ def open_tensors(src: Any, description: str | None = None) -> TensorSource:
 # ---------------------------------------------------------------------------------------------
 
 _HEADER_RESERVE = 256 * 1024
+
+
+def process_umask() -> int:
+    """The process umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give `path` the mode ``open``/``mkdir`` would have (0666/0777 less the umask); for files and
+    directories made by ``tempfile``, which creates them 0600/0700."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~process_umask())
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a directory's entries') data to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def parse_size(size: int | str) -> int:
@@ -271,6 +468,8 @@ class _Shard:
         if len(header) <= room:
             self.file.seek(0)
             self.file.write(struct.pack("<Q", room) + header + b" " * (room - len(header)))
+            self.file.flush()
+            os.fsync(self.file.fileno())
             self.file.close()
             return
         # The header outgrew the reservation: rewrite this shard with a header of the right size.
@@ -281,6 +480,8 @@ class _Shard:
             dst.write(struct.pack("<Q", len(header)) + header)
             src.seek(_HEADER_RESERVE)
             shutil.copyfileobj(src, dst, 16 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
         os.replace(tmp, self.path)
 
 
@@ -308,6 +509,7 @@ class ShardedWriter:
         parent = os.path.dirname(self.path)
         os.makedirs(parent, exist_ok=True)
         self._tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(self.path)}-", dir=parent)
+        honour_umask(self._tmp, directory=True)
         return self
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -339,6 +541,9 @@ class ShardedWriter:
         with open(os.path.join(self._tmp, INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": total},
                        "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0])))}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(self._tmp)
         if os.path.exists(self.path):
             old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(self.path)}-", dir=os.path.dirname(self.path))
             os.rename(self.path, os.path.join(old, "x"))
@@ -347,6 +552,7 @@ class ShardedWriter:
         else:
             os.rename(self._tmp, self.path)
         self._tmp = None
+        fsync_path(os.path.dirname(self.path))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
