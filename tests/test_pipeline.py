@@ -23,7 +23,7 @@ from cpift_fast.pipeline.config import ConfigError, load_config
 from cpift_fast.pipeline.driver import run_pipeline
 from cpift_fast.pipeline.freeze import FreezeGuard, FrozenDriftError
 from cpift_fast.pipeline.model import TinyLlamaSpec, build_tiny_llama, load_checkpoint
-from cpift_fast.pipeline.run import KINDS, MANIFEST, Run
+from cpift_fast.pipeline.run import KINDS, LOCKS, MANIFEST, Run
 from cpift_fast.pipeline.tasks import make_synthetic
 
 TINY = {
@@ -340,7 +340,7 @@ def test_stage_is_atomic_and_invalidated_by_params_and_inputs(tmp_path):
 
     with pytest.raises(RuntimeError):
         run.stage("a", "base", {"v": 1}, [], boom)
-    assert not os.path.exists(run.path("a")) and os.listdir(run.root) == []
+    assert not os.path.exists(run.path("a")) and os.listdir(run.root) == [LOCKS]
     a = run.stage("a", "base", {"v": 1}, [], write("one"))
     b = run.stage("b", "probe", {}, [a], write("b"))
     again = Run(str(tmp_path / "r"), progress=False)
