@@ -38,7 +38,8 @@ TINY = {
     "tasks": ["shift", "mirror", "count"],
     "train": {"epochs": 1.0, "batch_size": 16, "lr": 3e-3, "max_len": 24},
     "probe": {"epochs": 1.0},
-    "cpift": {"p": 0.05, "tau": 0.1, "t": 0.5, "consolidate": {"ratio": 0.5, "epochs": 1.0, "freeze": "all"}},
+    "cpift": {"p": 0.05, "tau": 0.1, "t": 0.5,
+              "consolidate": {"ratio": 0.5, "epochs": 1.0, "freeze": "all", "compare_modes": True}},
     "methods": ["full_sft", "ms_random", "ms_user", "cpift"],
     "baselines": {"ms_random": {"k": 2}, "ms_user": {"groups": [["shift", "count"], ["mirror"]]}},
     "forgetting": {"pairs": [["shift", "mirror"]]},
@@ -137,9 +138,18 @@ def test_stages_keep_earlier_cores_bit_identical(tiny_run):
 
 
 def test_fuse_transplants_cores_and_consolidation_keeps_them(tiny_run):
+    """Multi-stage consolidation (the default): one stage per group, every core frozen in each."""
     _, root = tiny_run
+    with open(os.path.join(root, "seed0", "group", "group.json")) as f:
+        order = json.load(f)["order"]
     fused = _params(os.path.join(root, "seed0", "cpift", "fuse"))
-    consolidated = _params(os.path.join(root, "seed0", "cpift", "consolidate"))
+    stages = [os.path.join(root, "seed0", "cpift", f"consolidate{k + 1}") for k in range(len(order))]
+    assert all(os.path.isdir(d) for d in stages) and not os.path.exists(stages[-1][:-1] + str(len(order) + 1))
+    for d, group in zip(stages, order):
+        with open(os.path.join(d, MANIFEST)) as f:
+            info = json.load(f)["info"]
+        assert info["tasks"] == group and info["frozen_checked"] > 0
+    consolidated = _params(stages[-1])
     masks = {t: _mask(root, t) for t in TINY["tasks"]}
     for task, mask in masks.items():
         others = [m for t, m in masks.items() if t != task]
@@ -167,7 +177,19 @@ def test_eval_and_report(tiny_run):
     for png in ("results.png", "core_share.png", "loss_curves.png"):
         assert os.path.getsize(os.path.join(root, png)) > 1000
     f = results["seeds"][0]["forgetting"]
-    assert set(f) == {"shift->mirror", "mirror->shift"} and "core_frozen" in f["shift->mirror"]
+    assert set(f) == {"shift->mirror", "mirror->shift"}
+    assert set(f["shift->mirror"]["methods"]) == {"full_sft", "multi_stage", "cpift"}
+    assert "drop on A" in text and "Seesaw" in text and "Consolidation modes" in text
+    modes = results["seeds"][0]["consolidation"]
+    assert set(modes) == {"multi_stage", "single_stage"}
+    assert modes["multi_stage"] == per["cpift"]  # the configured mode is the method's result
+    assert os.path.isdir(os.path.join(root, "seed0", "cpift", "consolidate"))  # the single-stage variant
+    for d in ("base", "seed0/cpift/fuse", "seed0/probe/shift"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(os.path.join(root, d))
+        assert tok.decode(tok.encode("shf abc=", add_special_tokens=False)) == "shf abc="
+        AutoModelForCausalLM.from_pretrained(os.path.join(root, d))
 
 
 def test_rerun_skips_every_stage_and_from_reruns_deterministically(tiny_run, tmp_path):

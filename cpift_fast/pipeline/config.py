@@ -1,6 +1,8 @@
 """Run configuration: YAML → validated ``Config``, with every error reported before any training.
 
-Checked up front: unknown keys (with the closest valid one), unknown tasks, missing data files,
+Checked up front: every scalar setting against its rule in ``RULES`` (type, range or choices; a
+run or task name must be a plain directory name, so no path leaves the runs directory), unknown
+keys (with the closest valid one), unknown tasks, missing data files,
 p / τ / t / ratios out of range, unknown methods or stage-order strategies, user groups that do
 not partition the tasks, and a model that is neither ``tiny``, an existing local directory, nor
 resolvable on the hub.
@@ -17,12 +19,20 @@ from dataclasses import dataclass
 
 import yaml
 
-from .tasks import REAL_LOADERS, SYNTHETIC
+from .loaders import LOADERS as REAL_LOADERS
+from .loaders import looks_local
+from .tasks import SYNTHETIC
 
 METHODS = ("full_sft", "ms_random", "ms_user", "cpift")
 ORDER_STRATEGIES = ("random", "size", "min_frozen")
 OVERLAP_RULES = ("last", "first", "mean")
 CONSOLIDATE_FREEZE = ("all", "cumulative", "none")
+CONSOLIDATE_MODES = ("multi_stage", "single_stage")
+CHAT_TEMPLATE = ("auto", "never")
+EVALUATORS = ("builtin", "lm_eval")
+TASK_METRICS = ("exact", "normalized", "gsm8k", "code", "rouge", "judge")
+TASK_KEYS = ("name", "kind", "source", "n_train", "n_test", "fields", "splits", "hub_config", "metric",
+             "max_new_tokens", "lm_eval_task")
 
 DEFAULTS: dict = {
     "name": "run",
@@ -33,22 +43,25 @@ DEFAULTS: dict = {
     "model": {"source": "tiny", "hidden_size": 128, "num_layers": 2, "num_heads": 4,
               "intermediate_size": 256, "dtype": "float32"},
     "pretrain": {"examples": 6000, "epochs": 1.0, "lr": 3e-3},
-    "data": {"n_train": 1000, "n_test": 200},
+    "data": {"n_train": 1000, "n_test": 200, "chat_template": "auto"},
     "tasks": [],
     "train": {"epochs": 2.0, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.01, "warmup_ratio": 0.03,
               "max_grad_norm": 1.0, "max_len": 32},
     "probe": {"epochs": 1.0},
     "cpift": {"p": 0.01, "tau": 0.1, "order": "random", "t": 0.5, "overlap_rule": "last",
               "freeze": "cumulative",
-              "consolidate": {"ratio": 0.1, "epochs": 1.0, "freeze": "all"}},
+              "consolidate": {"ratio": 0.1, "epochs": 1.0, "freeze": "all", "mode": "multi_stage",
+                              "compare_modes": False}},
     "methods": ["full_sft", "ms_random", "cpift"],
     "baselines": {"ms_random": {"k": 2}, "ms_user": {"groups": None}},
-    "forgetting": {"pairs": [], "epochs": None},
-    "eval": {"batch_size": 256},
+    "forgetting": {"pairs": [], "epochs": None, "methods": ["full_sft", "multi_stage", "cpift"]},
+    "eval": {"batch_size": 256, "evaluator": "builtin"},
 }
 
 # keys whose value is free-form (not checked key by key)
-_OPEN = {("baselines", "ms_user", "groups"), ("forgetting", "pairs"), ("tasks",), ("methods",)}
+_OPEN = {("baselines", "ms_user", "groups"), ("forgetting", "pairs"), ("forgetting", "methods"), ("tasks",),
+         ("methods",)}
+FORGETTING_METHODS = ("full_sft", "multi_stage", "cpift")
 
 
 class ConfigError(ValueError):
@@ -58,10 +71,21 @@ class ConfigError(ValueError):
 @dataclass
 class TaskSpec:
     name: str
-    kind: str = "synthetic"          # synthetic | gsm8k | codealpaca
+    kind: str = "synthetic"          # synthetic | gsm8k | codealpaca | alpaca | logiqa | ultrachat | instructions
     source: str | None = None        # local file/dir or hub name (real data)
     n_train: int | None = None
     n_test: int | None = None
+    fields: dict | None = None       # instructions: {prompt, input, response, messages} -> column names
+    splits: list | None = None       # [train split, test split] names (files in a folder, hub splits)
+    hub_config: str | None = None    # the hub data set's config name (e.g. gsm8k: main)
+    metric: str | None = None        # instructions: exact | normalized | gsm8k | code | rouge | judge
+    max_new_tokens: int | None = None
+    lm_eval_task: str | None = None  # eval.evaluator lm_eval: the harness task that scores this task
+
+    def options(self) -> dict:
+        """Loader keyword options (those set)."""
+        keys = ("fields", "splits", "hub_config", "metric", "max_new_tokens")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 @dataclass
@@ -105,14 +129,149 @@ def _merge(defaults: dict, user: dict, path: tuple[str, ...] = ()) -> dict:
     return out
 
 
-def _range(value, lo, hi, name, lo_open=False):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be a number, got {value!r}") from None
-    if not (lo < v <= hi if lo_open else lo <= v <= hi):
-        raise ConfigError(f"{name} = {value} is out of range: it must be in {'(' if lo_open else '['}{lo}, {hi}]")
-    return v
+# ----- declarative value rules ---------------------------------------------------------------------
+# Every scalar setting of DEFAULTS has a rule here (tests/test_reliability.py checks that none is
+# missing); validate() applies them all before anything else, so a bad type, range or choice is
+# reported by name before any work. Cross-field checks (groups vs. tasks, ...) come after.
+
+class Rule:
+    """A check of one config value; `check` returns an error message or None."""
+
+    def check(self, value) -> str | None:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Int(Rule):
+    lo: int | None = None
+    hi: int | None = None
+    why: str = ""
+
+    def check(self, value):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be an integer, got {value!r}"
+        if (self.lo is not None and value < self.lo) or (self.hi is not None and value > self.hi):
+            lo = "-inf" if self.lo is None else self.lo
+            hi = "inf" if self.hi is None else self.hi
+            return f"= {value} is out of range: it must be an integer in [{lo}, {hi}]{self.why}"
+        return None
+
+
+@dataclass(frozen=True)
+class Num(Rule):
+    """A finite number in [lo, hi] ((lo, hi] with lo_open). YAML 1.1 reads ``1e-3`` as a string;
+    a string that is a plain float literal is accepted as that number."""
+
+    lo: float = float("-inf")
+    hi: float = float("inf")
+    lo_open: bool = False
+
+    def check(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return f"must be a number, got {value!r}"
+        try:
+            v = float(value)
+        except ValueError:
+            return f"must be a number, got {value!r}"
+        if v != v or v in (float("inf"), float("-inf")):
+            return f"must be a finite number, got {value!r}"
+        if not (self.lo < v <= self.hi if self.lo_open else self.lo <= v <= self.hi):
+            return (f"= {value} is out of range: it must be in {'(' if self.lo_open else '['}"
+                    f"{self.lo:g}, {self.hi:g}]")
+        return None
+
+
+@dataclass(frozen=True)
+class Bool(Rule):
+    def check(self, value):
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+
+
+@dataclass(frozen=True)
+class Choice(Rule):
+    values: tuple
+
+    def check(self, value):
+        if isinstance(value, (str, int, float, bool, type(None))) and value in self.values:
+            return None
+        near = difflib.get_close_matches(str(value), [str(v) for v in self.values], n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        return f"must be one of {', '.join(map(str, self.values))}; got {value!r}{hint}"
+
+
+@dataclass(frozen=True)
+class Optional(Rule):
+    rule: Rule
+
+    def check(self, value):
+        return None if value is None else self.rule.check(value)
+
+
+@dataclass(frozen=True)
+class Text(Rule):
+    def check(self, value):
+        return None if isinstance(value, str) and value else f"must be a non-empty string, got {value!r}"
+
+
+@dataclass(frozen=True)
+class DirName(Rule):
+    """One plain directory name: it cannot leave the directory it is joined to."""
+
+    def check(self, value):
+        if not isinstance(value, str) or not value:
+            return f"must be a non-empty string, got {value!r}"
+        if value in (".", "..") or value.startswith(".") or "/" in value or "\\" in value or "\0" in value \
+                or len(value.encode()) > 255:
+            return (f"must be a plain directory name (no '/', not starting with '.', at most 255 bytes), "
+                    f"got {value!r}")
+        return None
+
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+RULES: dict[str, Rule] = {
+    "name": DirName(), "seed": Int(0), "seeds": Int(1), "threads": Int(1), "progress": Bool(),
+    "model.source": Text(), "model.hidden_size": Int(1), "model.num_layers": Int(1), "model.num_heads": Int(1),
+    "model.intermediate_size": Int(1), "model.dtype": Choice(MODEL_DTYPES),
+    "pretrain.examples": Int(1), "pretrain.epochs": Num(0, 1e9, lo_open=True), "pretrain.lr": Num(0, 1e9, lo_open=True),
+    "data.n_train": Int(1), "data.n_test": Int(1),
+    "train.epochs": Num(0, 1e9, lo_open=True), "train.batch_size": Int(1), "train.lr": Num(0, 1e9, lo_open=True),
+    "train.weight_decay": Num(0, 1e9), "train.warmup_ratio": Num(0, 1), "train.max_grad_norm": Num(0, 1e9),
+    "train.max_len": Int(3, why=" (beginning-of-sequence + a prompt token + a response token)"),
+    "probe.epochs": Num(0, 1e9, lo_open=True),
+    "cpift.p": Num(0, 1, lo_open=True), "cpift.tau": Num(0, 1), "cpift.order": Choice(ORDER_STRATEGIES),
+    "cpift.t": Num(0, 1), "cpift.overlap_rule": Choice(OVERLAP_RULES), "cpift.freeze": Choice(("cumulative", "none")),
+    "cpift.consolidate.ratio": Num(0, 1, lo_open=True), "cpift.consolidate.epochs": Num(0, 1e9, lo_open=True),
+    "cpift.consolidate.freeze": Choice(CONSOLIDATE_FREEZE), "cpift.consolidate.mode": Choice(CONSOLIDATE_MODES),
+    "cpift.consolidate.compare_modes": Bool(), "data.chat_template": Choice(CHAT_TEMPLATE),
+    "eval.evaluator": Choice(EVALUATORS),
+    "baselines.ms_random.k": Int(1),
+    "forgetting.epochs": Optional(Num(0, 1e9, lo_open=True)),
+    "eval.batch_size": Int(1),
+}
+
+
+def _leaves(tree: dict, path: tuple[str, ...] = ()):
+    """Dotted names of the scalar settings of a DEFAULTS-shaped tree (free-form keys excluded)."""
+    for key, value in tree.items():
+        here = path + (key,)
+        if here in _OPEN:
+            continue
+        if isinstance(value, dict):
+            yield from _leaves(value, here)
+        else:
+            yield ".".join(here)
+
+
+def check_rules(cfg: dict) -> None:
+    """Apply RULES to a merged config; raise ConfigError on the first bad value."""
+    for dotted, rule in RULES.items():
+        node = cfg
+        for part in dotted.split("."):
+            node = node[part]
+        problem = rule.check(node)
+        if problem is not None:
+            raise ConfigError(f"{dotted} {problem}")
 
 
 def _task_spec(item, data: dict) -> TaskSpec:
@@ -120,12 +279,24 @@ def _task_spec(item, data: dict) -> TaskSpec:
         item = {"name": item}
     if not isinstance(item, dict) or "name" not in item:
         raise ConfigError(f"each task must be a name or a mapping with 'name', got {item!r}")
-    unknown = set(item) - {"name", "kind", "source", "n_train", "n_test"}
+    unknown = set(item) - set(TASK_KEYS)
     if unknown:
-        raise ConfigError(f"task {item['name']!r}: unknown key(s) {sorted(unknown)} (valid: name, kind, source, n_train, n_test)")
+        raise ConfigError(f"task {item['name']!r}: unknown key(s) {sorted(unknown)} (valid: {', '.join(TASK_KEYS)})")
     kind = item.get("kind", "synthetic")
     spec = TaskSpec(name=str(item["name"]), kind=kind, source=item.get("source"),
-                    n_train=item.get("n_train", data["n_train"]), n_test=item.get("n_test", data["n_test"]))
+                    n_train=item.get("n_train", data["n_train"]), n_test=item.get("n_test", data["n_test"]),
+                    fields=item.get("fields"), splits=item.get("splits"), hub_config=item.get("hub_config"),
+                    metric=item.get("metric"), max_new_tokens=item.get("max_new_tokens"),
+                    lm_eval_task=item.get("lm_eval_task"))
+    if spec.fields is not None and (kind != "instructions" or not isinstance(spec.fields, dict)):
+        raise ConfigError(f"task {spec.name!r}: 'fields' is a mapping for kind: instructions only, got {spec.fields!r}")
+    if spec.metric is not None and (kind != "instructions" or spec.metric not in TASK_METRICS):
+        raise ConfigError(f"task {spec.name!r}: 'metric' is for kind: instructions, one of {TASK_METRICS}; got {spec.metric!r}")
+    if spec.splits is not None and not (isinstance(spec.splits, list) and len(spec.splits) == 2
+                                        and all(isinstance(x, str) for x in spec.splits)):
+        raise ConfigError(f"task {spec.name!r}: 'splits' must be [train split, test split], got {spec.splits!r}")
+    if spec.max_new_tokens is not None and (not isinstance(spec.max_new_tokens, int) or spec.max_new_tokens < 1):
+        raise ConfigError(f"task {spec.name!r}: max_new_tokens must be a positive integer, got {spec.max_new_tokens!r}")
     if kind == "synthetic":
         if spec.name not in SYNTHETIC:
             near = difflib.get_close_matches(spec.name, list(SYNTHETIC), n=1)
@@ -135,8 +306,7 @@ def _task_spec(item, data: dict) -> TaskSpec:
     elif kind in REAL_LOADERS:
         if not spec.source:
             raise ConfigError(f"task {spec.name!r} (kind {kind}) needs a 'source': a local file/directory or a hub name")
-        looks_local = spec.source.startswith(("/", ".", "~")) or os.path.splitext(spec.source)[1] in (".json", ".jsonl")
-        if looks_local and not os.path.exists(os.path.expanduser(spec.source)):
+        if looks_local(spec.source) and not os.path.exists(os.path.expanduser(spec.source)):
             raise ConfigError(f"task {spec.name!r}: data source {spec.source!r} does not exist")
         spec.source = os.path.expanduser(spec.source)
     else:
@@ -179,6 +349,7 @@ def validate(raw: dict) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"the config must be a mapping, got {type(raw).__name__}")
     cfg = _merge(DEFAULTS, raw)
+    check_rules(cfg)
     if not cfg["tasks"]:
         raise ConfigError(f"config has no tasks; list some under 'tasks' (built-in: {sorted(SYNTHETIC)})")
     tasks = [_task_spec(t, cfg["data"]) for t in cfg["tasks"]]
@@ -187,28 +358,28 @@ def validate(raw: dict) -> Config:
         raise ConfigError(f"task names must be unique, got {names}")
     if len(tasks) < 2:
         raise ConfigError("CPI-FT needs at least two tasks")
-    for key in ("seed", "seeds", "threads"):
-        if not isinstance(cfg[key], int) or cfg[key] < (0 if key == "seed" else 1):
-            raise ConfigError(f"{key} must be a {'non-negative' if key == 'seed' else 'positive'} integer, got {cfg[key]!r}")
-    if not str(cfg["name"]) or "/" in str(cfg["name"]):
-        raise ConfigError(f"name must be a non-empty string without '/', got {cfg['name']!r}")
+    for t in tasks:  # task names become stage directories (probe/<name>, ...)
+        problem = DirName().check(t.name)
+        if problem is not None:
+            raise ConfigError(f"task name {problem}")
     c = cfg["cpift"]
-    _range(c["p"], 0.0, 1.0, "cpift.p", lo_open=True)
-    _range(c["tau"], 0.0, 1.0, "cpift.tau")
-    _range(c["t"], 0.0, 1.0, "cpift.t")
-    _range(c["consolidate"]["ratio"], 0.0, 1.0, "cpift.consolidate.ratio", lo_open=True)
-    if c["order"] not in ORDER_STRATEGIES:
-        raise ConfigError(f"cpift.order must be one of {ORDER_STRATEGIES}, got {c['order']!r}")
-    if c["overlap_rule"] not in OVERLAP_RULES:
-        raise ConfigError(f"cpift.overlap_rule must be one of {OVERLAP_RULES}, got {c['overlap_rule']!r}")
-    if c["freeze"] not in ("cumulative", "none"):
-        raise ConfigError(f"cpift.freeze must be 'cumulative' or 'none', got {c['freeze']!r}")
-    if c["consolidate"]["freeze"] not in CONSOLIDATE_FREEZE:
-        raise ConfigError(f"cpift.consolidate.freeze must be one of {CONSOLIDATE_FREEZE}, got {c['consolidate']['freeze']!r}")
-    for section, key in (("train", "epochs"), ("probe", "epochs"), ("pretrain", "epochs"), ("train", "lr"), ("pretrain", "lr")):
-        _range(cfg[section][key], 0.0, 1e9, f"{section}.{key}", lo_open=True)
-    _range(c["consolidate"]["epochs"], 0.0, 1e9, "cpift.consolidate.epochs", lo_open=True)
-    _range(cfg["train"]["warmup_ratio"], 0.0, 1.0, "train.warmup_ratio")
+    if c["consolidate"]["mode"] not in CONSOLIDATE_MODES:
+        raise ConfigError(f"cpift.consolidate.mode must be one of {CONSOLIDATE_MODES}, got {c['consolidate']['mode']!r}")
+    if c["consolidate"]["mode"] == "single_stage" and c["consolidate"]["freeze"] == "cumulative":
+        raise ConfigError("cpift.consolidate.freeze: cumulative needs mode: multi_stage (a single stage has no earlier groups)")
+    if not isinstance(c["consolidate"]["compare_modes"], bool):
+        raise ConfigError(f"cpift.consolidate.compare_modes must be true or false, got {c['consolidate']['compare_modes']!r}")
+    if cfg["data"]["chat_template"] not in CHAT_TEMPLATE:
+        raise ConfigError(f"data.chat_template must be one of {CHAT_TEMPLATE}, got {cfg['data']['chat_template']!r}")
+    if cfg["eval"]["evaluator"] not in EVALUATORS:
+        raise ConfigError(f"eval.evaluator must be one of {EVALUATORS}, got {cfg['eval']['evaluator']!r}")
+    if cfg["eval"]["evaluator"] == "lm_eval":
+        missing = [t.name for t in tasks if not t.lm_eval_task]
+        if missing:
+            raise ConfigError(f"eval.evaluator lm_eval: task(s) {missing} need lm_eval_task (the harness task that scores them)")
+    fm = cfg["forgetting"]["methods"]
+    if not isinstance(fm, list) or not fm or any(m not in FORGETTING_METHODS for m in fm):
+        raise ConfigError(f"forgetting.methods must be a non-empty list from {FORGETTING_METHODS}, got {fm!r}")
     methods = cfg["methods"]
     if not isinstance(methods, list) or not methods:
         raise ConfigError(f"methods must be a non-empty list from {METHODS}")
@@ -256,20 +427,27 @@ def load_config(path_or_dict: str | os.PathLike | dict, overrides: dict | None =
         path = os.fspath(path_or_dict)
         if not os.path.exists(path):
             raise ConfigError(f"config file {path!r} does not exist")
-        with open(path) as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        try:
+            with open(path, encoding="utf-8") as f:
+                raw = yaml.safe_load(f)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a YAML mapping (key: value lines), "
+                              f"got a {type(raw).__name__}")
     for key, value in (overrides or {}).items():
         raw[key] = value
-    for path, value in dotted or []:
+    for keys, value in dotted or []:
         node = raw
-        for part in path[:-1]:
+        for part in keys[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a mapping in the config")
-        node[path[-1]] = value
+                raise ConfigError(f"--set {'.'.join(keys)}: {part!r} is not a mapping in the config")
+        node[keys[-1]] = value
     return validate(raw)
 
 

@@ -8,9 +8,9 @@ import time
 import torch
 
 from .config import DEMO, Config, load_config, parse_override
-from .methods import METHODS, probes
+from .methods import METHODS, cpift_consolidation_modes, forgetting, probes
 from .run import Run
-from .stages import Env, base_stage, core_stage, eval_stage, forgetting_stage, scores
+from .stages import Env, base_stage, core_stage, eval_stage, load_json, scores
 
 
 
@@ -30,7 +30,7 @@ def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = No
     results: dict = {"tasks": names, "methods": list(cfg["methods"]), "seeds": {}, "run_dir": run.root}
     for seed in range(int(cfg["seed"]), int(cfg["seed"]) + n_seeds):
         env = Env(cfg, run, seed)
-        per: dict = {"scores": {}, "forgetting": {}}
+        per: dict = {"scores": {}, "forgetting": {}, "consolidation": {}, "eval": {}}
         per["scores"]["base"] = scores(eval_stage(env, "base", base))
         needs_probes = "cpift" in cfg["methods"] or cfg["forgetting"]["pairs"]
         if needs_probes:
@@ -40,17 +40,24 @@ def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = No
                 own[name] = scores(eval_stage(env, f"probe/{name}", stage))[name]
             per["scores"]["probe"] = own
         for method in cfg["methods"]:
-            final = METHODS[method](env, base)
-            per["scores"][method] = scores(eval_stage(env, method, final))
+            final = METHODS[method].run(env, base)
+            ev = eval_stage(env, method, final)
+            per["scores"][method] = scores(ev)
+            per["eval"][method] = _metric_info(ev)
+        if "cpift" in cfg["methods"] and cfg["cpift"]["consolidate"]["compare_modes"]:
+            for mode, final in cpift_consolidation_modes(env, base).items():
+                per["consolidation"][mode] = scores(eval_stage(env, f"cpift_consolidate_{mode}", final))
         if cfg["forgetting"]["pairs"]:
             core = core_stage(env, base, probe)
             for a, b in cfg["forgetting"]["pairs"]:
                 for x, y in ((a, b), (b, a)):
-                    evals = forgetting_stage(env, x, y, probe, core)
+                    first = scores(eval_stage(env, f"probe/{x}", probe[x]))  # A's model on every task
+                    finals = forgetting(env, x, y, probe, core, base, list(cfg["forgetting"]["methods"]))
                     per["forgetting"][f"{x}->{y}"] = {
-                        "first": x, "second": y, "before": per["scores"]["probe"][x],
+                        "first": x, "second": y, "before": first[x], "second_before": first[y],
                         "second_probe": per["scores"]["probe"][y],
-                        **{v: scores(e) for v, e in evals.items()}}
+                        "methods": {m: scores(eval_stage(env, f"forgetting/{x}_then_{y}/{m}", st))
+                                    for m, st in finals.items()}}
         results["seeds"][seed] = per
     results["stage_log"] = run.log
     results["stage_seconds"] = sum(float(o.manifest.get("seconds", 0.0)) for o in run.done.values())
@@ -60,6 +67,12 @@ def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = No
 
         results["report"] = _write(cfg, results)
     return results
+
+
+def _metric_info(stage) -> dict:
+    """{task: {"metric", "normalization", "metrics"}} of an eval stage (for the report)."""
+    return {n: {k: r.get(k) for k in ("metric", "normalization", "metrics")}
+            for n, r in load_json(stage, "results.json").items()}
 
 
 def run_config(path: str, runs_dir: str = "runs", from_kind: str | None = None, seeds: int | None = None,

@@ -1,4 +1,5 @@
-"""The compared methods, each a function of (config, seed) built from the shared stages.
+"""The compared methods, each a function of (Env, base stage) built from the shared stages, and
+the forgetting experiment (paper Table 2).
 
 All methods see the same base model, the same training data and the same SFT budget
 (``train.epochs`` passes over every task's data); they differ only in how the data is scheduled
@@ -9,15 +10,50 @@ and what is frozen:
     ms_user     multi-stage SFT over user-given groups, in the given order
     cpift       probes → cores → groups → multi-stage SFT freezing earlier groups' cores
                 → fuse (core transplant + SLERP) → consolidation with the cores frozen
+
+``METHODS`` is a registry (``register``): a new method (e.g. EPI) adds one entry with its label
+and the function that returns its final model stage; config, driver and report read the registry.
+
+Forgetting (Table 2), for a pair (A, B) in both directions: start from the model trained on A
+(probe A) and add task B with the probe budget —
+
+    full_sft      fine-tune on B, every parameter trainable (sequential SFT)
+    multi_stage   fine-tune on B with A's core frozen (the CPI-FT stage schedule, no fusion)
+    cpift         the frozen stage, then fusion with both probes (core transplant + SLERP) and the
+                  consolidation on a sample of A and B with the cores frozen (cpift.consolidate)
+
+The report gives the drop on A (A's probe score − A after) and the gain on B (B after − B
+before, i.e. B on the model trained on A) per method.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from .run import StageOut
 from .stages import Env, consolidate_stages, core_stage, fuse_stage, group_stage, load_json, probe_stage, sft_stage
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    label: str
+    run: Callable[[Env, StageOut], StageOut]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, label: str) -> Callable:
+    """Decorator: add `fn(env, base) -> final model stage` to METHODS under `name`."""
+    def wrap(fn):
+        if name in METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        METHODS[name] = Method(name, label, fn)
+        return fn
+    return wrap
 
 
 def probes(env: Env, base: StageOut) -> dict[str, StageOut]:
@@ -47,21 +83,25 @@ def random_groups(names: list[str], k: int, seed: int) -> list[list[str]]:
     return [g for g in groups if g]
 
 
+@register("full_sft", "Full SFT (multi-task)")
 def full_sft(env: Env, base: StageOut) -> StageOut:
     names = env.cfg.task_names
     return sft_stage(env, env.key("full_sft", "train"), "stages", base, names, float(env.cfg["train"]["epochs"]))
 
 
+@register("ms_random", "Multi-Stage (random groups)")
 def ms_random(env: Env, base: StageOut) -> StageOut:
     k = int(env.cfg["baselines"]["ms_random"]["k"])
     return multi_stage(env, "ms_random", base, random_groups(env.cfg.task_names, k, env.seed))
 
 
+@register("ms_user", "Multi-Stage (user groups)")
 def ms_user(env: Env, base: StageOut) -> StageOut:
     return multi_stage(env, "ms_user", base, [list(g) for g in env.cfg["baselines"]["ms_user"]["groups"]])
 
 
-def cpift(env: Env, base: StageOut) -> StageOut:
+def cpift_parts(env: Env, base: StageOut) -> tuple[StageOut, StageOut, list[list[str]]]:
+    """(fused model, core stage, stage order): CPI-FT up to its consolidation."""
     probe = probes(env, base)
     core = core_stage(env, base, probe)
     group = group_stage(env, core)
@@ -69,11 +109,47 @@ def cpift(env: Env, base: StageOut) -> StageOut:
     freeze = core if env.cfg["cpift"]["freeze"] == "cumulative" else None
     last = multi_stage(env, "cpift", base, order, core=freeze)
     fused = fuse_stage(env, env.key("cpift", "fuse"), last, probe, core, base)
+    return fused, core, order
+
+
+@register("cpift", "CPI-FT")
+def cpift(env: Env, base: StageOut) -> StageOut:
+    fused, core, order = cpift_parts(env, base)
     return consolidate_stages(env, "cpift", fused, core, order)
 
 
-METHODS: dict[str, Callable[[Env, StageOut], StageOut]] = {
-    "full_sft": full_sft, "ms_random": ms_random, "ms_user": ms_user, "cpift": cpift,
-}
-LABELS = {"base": "Base model", "probe": "Single-task probes (reference)", "full_sft": "Full SFT (multi-task)",
-          "ms_random": "Multi-Stage (random groups)", "ms_user": "Multi-Stage (user groups)", "cpift": "CPI-FT"}
+def cpift_consolidation_modes(env: Env, base: StageOut) -> dict[str, StageOut]:
+    """CPI-FT's final model under both consolidation modes (Table 3); the stages before are shared."""
+    fused, core, order = cpift_parts(env, base)
+    return {mode: consolidate_stages(env, "cpift", fused, core, order, mode=mode)
+            for mode in ("multi_stage", "single_stage")}
+
+
+LABELS = {"base": "Base model", "probe": "Single-task probes (reference)",
+          **{name: m.label for name, m in METHODS.items()}}
+CONSOLIDATION_LABELS = {"multi_stage": "multi-stage over the groups, all cores frozen (paper default)",
+                        "single_stage": "single stage on the mixed sample"}
+
+# ----- forgetting (Table 2) ---------------------------------------------------------------------------
+
+FORGETTING_LABELS = {"full_sft": "Full SFT (all parameters)", "multi_stage": "Multi-Stage, A's core frozen",
+                     "cpift": "CPI-FT (frozen stage + fusion + consolidation)"}
+
+
+def forgetting(env: Env, a: str, b: str, probe: dict[str, StageOut], core: StageOut, base: StageOut,
+               methods: list[str]) -> dict[str, StageOut]:
+    """A → B: the model trained on A (probe A) learns B by each method. {method: final model stage}."""
+    epochs = float(env.cfg["forgetting"]["epochs"] or env.cfg["probe"]["epochs"])
+    prefix = ("forgetting", f"{a}_then_{b}")
+    out: dict[str, StageOut] = {}
+    if "full_sft" in methods:
+        out["full_sft"] = sft_stage(env, env.key(*prefix, "full_sft"), "forgetting", probe[a], [b], epochs)
+    if "multi_stage" in methods or "cpift" in methods:
+        frozen = sft_stage(env, env.key(*prefix, "multi_stage"), "forgetting", probe[a], [b], epochs,
+                           frozen=(core, [a]))
+        if "multi_stage" in methods:
+            out["multi_stage"] = frozen
+        if "cpift" in methods:
+            fused = fuse_stage(env, env.key(*prefix, "cpift_fuse"), frozen, {a: probe[a], b: probe[b]}, core, base)
+            out["cpift"] = consolidate_stages(env, "/".join(prefix + ("cpift",)), fused, core, [[a], [b]])
+    return out

@@ -2,11 +2,13 @@
 
 Two sources, one interface:
 - ``tiny``: a small Llama-architecture causal LM built from a ``LlamaConfig`` in code, with a
-  byte-level tokenizer built in code (ids 0..255 are bytes, then pad / bos / eos). No download.
+  byte-level tokenizer built in code (ids 0..255 are bytes, then pad / bos / eos) as a real
+  ``PreTrainedTokenizerFast``. No download.
 - any ``transformers`` causal LM by hub name or local directory (``AutoModelForCausalLM`` +
   ``AutoTokenizer``).
 
-Checkpoints are written with ``save_pretrained`` (safetensors) and read back bit-exactly.
+Checkpoints are written with ``save_pretrained`` (safetensors + tokenizer files) and read back
+bit-exactly; every directory loads with ``AutoModelForCausalLM`` and ``AutoTokenizer``.
 """
 
 from __future__ import annotations
@@ -17,33 +19,42 @@ from dataclasses import dataclass
 
 import torch
 
-TOKENIZER_FILE = "cpift_tokenizer.json"
+BUILTIN_FLAG = "cpift_builtin_tiny"  # set in the config.json of the built-in tiny model
 
 
-class ByteTokenizer:
-    """Byte-level tokenizer: UTF-8 bytes are ids 0..255; pad = 256, bos = 257, eos = 258."""
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what the ByteLevel pre-tokenizer emits)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
 
-    kind = "byte"
-    vocab_size = 259
-    pad_token_id = 256
-    bos_token_id = 257
-    eos_token_id = 258
 
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+def byte_level_tokenizer():
+    """A real ``transformers`` tokenizer (``PreTrainedTokenizerFast``) that maps UTF-8 byte b to id b,
+    with pad = 256, bos = 257, eos = 258: a byte-level BPE without merges. ``save_pretrained`` writes
+    ``tokenizer.json``, so ``AutoTokenizer`` loads every directory the pipeline writes."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
-
-    def save(self, directory: str) -> None:
-        with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
-            json.dump({"kind": self.kind}, f)
+    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab.update({"<pad>": 256, "<s>": 257, "</s>": 258})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   clean_up_tokenization_spaces=False)
+    return HFTokenizer(fast)
 
 
 class HFTokenizer:
-    """A ``transformers`` tokenizer behind the same four-method interface as ``ByteTokenizer``."""
-
-    kind = "hf"
+    """A ``transformers`` tokenizer behind the small interface the pipeline uses (encode without
+    special tokens, decode without them, pad/bos/eos ids, the chat template if any)."""
 
     def __init__(self, tok):
         self.tok = tok
@@ -54,6 +65,14 @@ class HFTokenizer:
         self.bos_token_id = tok.bos_token_id
         self.vocab_size = len(tok)
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tok, "chat_template", None))
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """The conversation rendered by the tokenizer's chat template, ending with the generation prompt."""
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
 
@@ -62,8 +81,6 @@ class HFTokenizer:
 
     def save(self, directory: str) -> None:
         self.tok.save_pretrained(directory)
-        with open(os.path.join(directory, TOKENIZER_FILE), "w") as f:
-            json.dump({"kind": self.kind}, f)
 
 
 @dataclass(frozen=True)
@@ -76,16 +93,16 @@ class TinyLlamaSpec:
 
 
 def build_tiny_llama(spec: TinyLlamaSpec, seed: int = 0):
-    """A freshly initialised tiny ``LlamaForCausalLM`` (fp32, eager attention) and its ByteTokenizer."""
+    """A freshly initialised tiny ``LlamaForCausalLM`` (fp32, eager attention) and its byte-level tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = ByteTokenizer()
+    tok = byte_level_tokenizer()
     cfg = LlamaConfig(
         vocab_size=tok.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_heads, max_position_embeddings=spec.max_positions,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False, attn_implementation="eager",
+        tie_word_embeddings=False, attn_implementation="eager", **{BUILTIN_FLAG: True},
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -109,17 +126,14 @@ def save_checkpoint(model, tok, directory: str) -> None:
 
 
 def load_checkpoint(directory: str):
-    """Model + tokenizer from a directory written by ``save_checkpoint`` (fp32 values kept bit-exact)."""
+    """Model + tokenizer from a directory written by ``save_checkpoint`` (fp32 values kept bit-exact).
+    The built-in tiny model is loaded with eager attention (as it was trained)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = os.path.join(directory, TOKENIZER_FILE)
-    kind = json.load(open(path))["kind"] if os.path.exists(path) else "hf"
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto")
-    if kind == "byte":
-        tok = ByteTokenizer()
-        model.config._attn_implementation = "eager"
-    else:
-        tok = HFTokenizer(AutoTokenizer.from_pretrained(directory))
+    with open(os.path.join(directory, "config.json")) as f:
+        builtin = bool(json.load(f).get(BUILTIN_FLAG))
+    extra = {"attn_implementation": "eager"} if builtin else {}
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto", **extra)
+    tok = HFTokenizer(AutoTokenizer.from_pretrained(directory))
     model.eval()
     return model, tok
-

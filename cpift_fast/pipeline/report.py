@@ -1,9 +1,11 @@
 """The run report: ``runs/NAME/report.md`` with PNG figures, and a one-screen summary.
 
 Contents: the results table (methods × tasks, like the paper's Table 1; mean ± std over seeds;
-"Avg 0–10" = 10 × the task metric averaged over tasks, i.e. exact-match accuracy on a 0–10 scale),
-the groups and the core-overlap heatmap, the core share per layer, loss curves per stage, the
-forgetting table (A→B and B→A, fully and with A's core frozen), and the time spent per stage.
+"Avg 0–10" = 10 × the normalized task scores averaged over tasks, each task's normalization
+stated), the seesaw measurement (joint Full SFT against each task's single-task probe), the
+consolidation modes (Table 3), the groups and the core-overlap heatmap, the core share per layer,
+loss curves per stage, the forgetting table (Table 2: A→B and B→A, drop on A and gain on B per
+method), and the time spent per stage.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import tempfile
 from collections import defaultdict
 
 from .config import Config
-from .methods import LABELS
+from .methods import CONSOLIDATION_LABELS, FORGETTING_LABELS, LABELS, METHODS
 
-ROW_ORDER = ("base", "probe", "full_sft", "ms_random", "ms_user", "cpift")
+
+def _row_order(results: dict) -> list[str]:
+    """base, probe, then the methods (registry order; unknown keys last)."""
+    methods = list(results.get("methods") or METHODS)
+    return ["base", "probe"] + [m for m in METHODS if m in methods] + [m for m in methods if m not in METHODS]
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -36,7 +42,7 @@ def results_rows(results: dict) -> list[tuple[str, dict[str, list[float]], list[
     names = results["tasks"]
     seeds = results["seeds"]
     rows = []
-    for key in ROW_ORDER:
+    for key in _row_order(results):
         if not all(key in per["scores"] for per in seeds.values()):
             continue
         per_task = {n: [per["scores"][key][n] for per in seeds.values()] for n in names}
@@ -72,30 +78,83 @@ def verdict(results: dict) -> str | None:
             f"{LABELS.get(best, best)} ({avgs[best]:.2f}/10).")
 
 
+def seesaw(results: dict) -> dict | None:
+    """{task: [Full SFT − probe per seed]} (normalized score, 0–1): negative = joint training lost
+    against training the task alone."""
+    seeds = results["seeds"].values()
+    if not all("full_sft" in per["scores"] and "probe" in per["scores"] for per in seeds):
+        return None
+    return {n: [per["scores"]["full_sft"][n] - per["scores"]["probe"][n] for per in seeds] for n in results["tasks"]}
+
+
+def seesaw_lines(results: dict) -> list[str]:
+    gaps = seesaw(results)
+    if gaps is None:
+        return []
+    means = {n: round(100 * _mean_std(g)[0], 6) + 0.0 for n, g in gaps.items()}  # + 0.0: no "-0.0"
+    below = [n for n, m in means.items() if m < 0]
+    cells = ", ".join(f"{n} {m:+.1f}" for n, m in means.items())
+    verdict_ = (f"{len(below)} of {len(gaps)} task(s) score below their single-task probe under joint Full SFT "
+                f"({', '.join(below)}): the seesaw is measurable here." if below else
+                "no task scores below its single-task probe under joint Full SFT: no seesaw on this suite at this budget.")
+    return [f"Seesaw (Full SFT − single-task probe, points, mean over seeds): {cells}.", verdict_]
+
+
+def consolidation_table(results: dict) -> str | None:
+    """Table 3: CPI-FT's final scores under both consolidation modes."""
+    seeds = list(results["seeds"].values())
+    if not all(per.get("consolidation") for per in seeds):
+        return None
+    names = results["tasks"]
+    lines = ["| consolidation | " + " | ".join(names) + " | Avg (0–10) |", "|---|" + "---:|" * (len(names) + 1)]
+    for mode in seeds[0]["consolidation"]:
+        per_task = {n: [per["consolidation"][mode][n] for per in seeds] for n in names}
+        avg = [10.0 * sum(per["consolidation"][mode][n] for n in names) / len(names) for per in seeds]
+        lines.append(f"| {CONSOLIDATION_LABELS.get(mode, mode)} | " + " | ".join(_fmt(per_task[n]) for n in names)
+                     + f" | {_fmt(avg, scale=1.0, digits=2)} |")
+    return "\n".join(lines)
+
+
 def forgetting_table(results: dict) -> str | None:
+    """Table 2: per direction A → B and method, A before/after (drop) and B before/after (gain)."""
     rows = defaultdict(lambda: defaultdict(list))
     for per in results["seeds"].values():
         for direction, f in per["forgetting"].items():
-            for variant in ("full", "core_frozen"):
-                if variant not in f:
-                    continue
-                r = rows[(direction, variant)]
-                r["first"] = f["first"]
-                r["second"] = f["second"]
+            for method, after in f["methods"].items():
+                r = rows[(direction, method)]
+                r["first"], r["second"] = f["first"], f["second"]
                 r["before"].append(f["before"])
-                r["after"].append(f[variant][f["first"]])
-                r["second_after"].append(f[variant][f["second"]])
+                r["after"].append(after[f["first"]])
+                r["second_before"].append(f["second_before"])
+                r["second_after"].append(after[f["second"]])
                 r["second_probe"].append(f["second_probe"])
     if not rows:
         return None
-    lines = ["| A → B | training on B | A before | A after | forgetting (A) | B after | B alone (probe) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    for (direction, variant), r in rows.items():
+    lines = ["| A → B | method | A before | A after | drop on A | B before | B after | gain on B | B alone (probe) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (direction, method), r in rows.items():
         drop = [b - a for b, a in zip(r["before"], r["after"])]
-        label = "all parameters" if variant == "full" else "A's core frozen"
-        lines.append(f"| {r['first']} → {r['second']} | {label} | {_fmt(r['before'])} | {_fmt(r['after'])} | "
-                     f"{_fmt(drop)} | {_fmt(r['second_after'])} | {_fmt(r['second_probe'])} |")
+        gain = [a - b for b, a in zip(r["second_before"], r["second_after"])]
+        lines.append(f"| {r['first']} → {r['second']} | {FORGETTING_LABELS.get(method, method)} | {_fmt(r['before'])} | "
+                     f"{_fmt(r['after'])} | {_fmt(drop)} | {_fmt(r['second_before'])} | {_fmt(r['second_after'])} | "
+                     f"{_fmt(gain)} | {_fmt(r['second_probe'])} |")
     return "\n".join(lines)
+
+
+def metric_lines(results: dict) -> list[str]:
+    """One line per task: the metric used and its normalization to 0–10 (from the first seed's evals)."""
+    per = next(iter(results["seeds"].values()))
+    info = next((v for v in per.get("eval", {}).values() if v), None)
+    if not info:
+        return []
+    out = []
+    for n in results["tasks"]:
+        i = info.get(n) or {}
+        extra = ", ".join(f"{k} {100 * v:.1f}" if isinstance(v, float) and k != "judge_mean" else f"{k} {v}"
+                          for k, v in (i.get("metrics") or {}).items())
+        out.append(f"- {n}: {i.get('metric')}; normalized to 0–10 as {i.get('normalization')}"
+                   + (f" (first method: {extra})" if extra else ""))
+    return out
 
 
 def _layer_label(layer: str) -> str:
@@ -142,7 +201,7 @@ def _plots(results: dict, root: str, seed: int) -> dict[str, str]:
         ax.bar([j + i * width for j in range(len(names))], means, width, yerr=errs, capsize=2,
                error_kw={"elinewidth": 0.8}, label=LABELS.get(key, key))
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
-    ax.set_ylabel("exact match (%)")
+    ax.set_ylabel("normalized score (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.set_title("Per-task results")
@@ -209,7 +268,7 @@ def _loss_curves(root: str, sroot: str) -> dict[str, list]:
     if os.path.isdir(probe_dir):
         curves["probes"] = [(t, _read_loss(os.path.join(probe_dir, t))) for t in sorted(os.listdir(probe_dir))
                             if not t.startswith(".")]
-    for method in ("full_sft", "ms_random", "ms_user", "cpift"):
+    for method in METHODS:
         mdir = os.path.join(sroot, method)
         if not os.path.isdir(mdir):
             continue
@@ -242,12 +301,24 @@ def write_report(cfg: Config, results: dict) -> str:
               f"- wall time of this invocation: {results['seconds']:.0f} s; all stages of the run, as first "
               f"computed: {results.get('stage_seconds', 0.0):.0f} s", "",
               "## Results", "",
-              "Exact match (%) per task on held-out test sets; mean ± std over seeds. Avg (0–10) = 10 × the mean "
-              "task accuracy. The single-task probe row is a reference (one model per task), not a method.", "",
+              "Normalized score (%) per task on held-out test sets; mean ± std over seeds. Avg (0–10) = 10 × the "
+              "mean normalized task score. The single-task probe row is a reference (one model per task), not a "
+              "method.", "",
               results_table(results), ""]
     line = verdict(results)
     if line:
         lines += [line, ""]
+    mlines = metric_lines(results)
+    if mlines:
+        lines += ["Metrics and their normalization:", ""] + mlines + [""]
+    sl = seesaw_lines(results)
+    if sl:
+        lines += ["## Seesaw", ""] + [f"{x}" for x in sl] + [""]
+    ct = consolidation_table(results)
+    if ct:
+        lines += ["## Consolidation modes (paper Table 3)", "",
+                  "CPI-FT's final model with the consolidation run as one stage per group (in stage order) or as "
+                  "one stage on the mixed sample; everything before consolidation is shared.", "", ct, ""]
     if "results" in plots:
         lines += [f"![results]({plots['results']})", ""]
     lines += ["## Core regions, overlap and groups", ""]
@@ -269,10 +340,11 @@ def write_report(cfg: Config, results: dict) -> str:
             lines += ["", f"![{title}]({plots[key]})", ""]
     ft = forgetting_table(results)
     if ft:
-        lines += ["## Forgetting (paper §4)", "",
-                  "Start from the probe model of A, fine-tune on B with the probe budget; A's accuracy before and "
-                  "after shows how much training on B overwrites A — with all parameters trainable and with A's "
-                  "core region frozen.", "", ft, ""]
+        lines += ["## Forgetting (paper Table 2)", "",
+                  "Start from the model trained on A (probe A) and add B with the probe budget, by each method: "
+                  "Full SFT trains every parameter on B; Multi-Stage trains on B with A's core frozen; CPI-FT adds "
+                  "fusion with both probes and the consolidation (cores frozen). Drop on A = A before − A after; "
+                  "gain on B = B after − B before (B on the model trained on A).", "", ft, ""]
     if "loss_curves" in plots:
         lines += ["## Loss curves per stage", "", f"![loss curves]({plots['loss_curves']})", ""]
     lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---:|"]
@@ -293,9 +365,13 @@ def summary(cfg: Config, results: dict, path: str) -> str:
     line = verdict(results)
     if line:
         out += [line, ""]
+    out += [x for x in seesaw_lines(results)] + ([""] if seesaw_lines(results) else [])
+    ct = consolidation_table(results)
+    if ct:
+        out += ["consolidation modes (Table 3):", ct, ""]
     ft = forgetting_table(results)
     if ft:
-        out += ["forgetting:", ft, ""]
+        out += ["forgetting (Table 2):", ft, ""]
     ran = sum(1 for _, s, _ in results["stage_log"] if s == "ran")
     cached = sum(1 for _, s, _ in results["stage_log"] if s == "cached")
     out += [f"stages: {ran} ran, {cached} reused from an earlier run", f"report: {path}", bar]

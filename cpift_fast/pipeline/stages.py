@@ -7,7 +7,7 @@
     <m>/stageK   SFT on the tasks of group K; optionally frozen: the union of earlier groups' cores
     cpift/fuse   backbone = last stage; core transplant from each probe; SLERP for the rest
     cpift/consolidate   light SFT on a sampled mix with the cores frozen
-    forgetting   train A then B (and B then A), fully and with A's core frozen
+    forgetting/A_then_B/<m>   start from probe A, add task B with method m (methods.py)
     eval/<m>     greedy decoding + task metric on every task's test set
 
 Every stage reads its inputs from disk, so a resumed run computes the same values as an
@@ -33,7 +33,9 @@ from .config import Config
 from .evaluate import evaluate
 from .model import TinyLlamaSpec, build_tiny_llama, load_checkpoint, load_hub_model, save_checkpoint
 from .run import Run, StageOut
-from .tasks import REAL_LOADERS, Task, make_synthetic, pretraining_mix
+from .judge import Judge
+from .loaders import LOADERS
+from .tasks import Task, make_synthetic, pretraining_mix
 from .train import TrainSpec, train
 
 SOURCE_FILE = "source.json"
@@ -70,8 +72,22 @@ class Env:
             if spec.kind == "synthetic":
                 out[spec.name] = make_synthetic(spec.name, spec.n_train, spec.n_test, self.seed)
             else:
-                out[spec.name] = REAL_LOADERS[spec.kind](spec.source, spec.n_train, spec.n_test, self.seed, name=spec.name)
+                out[spec.name] = LOADERS[spec.kind](spec.source, spec.n_train, spec.n_test, self.seed, name=spec.name,
+                                                    **spec.options())
         return out
+
+    @cached_property
+    def judge(self) -> Judge | None:
+        """The LLM judge the environment configures (judge.py), only when a task is judged."""
+        if not any(t.metric == "judge" for t in self.tasks.values()):
+            return None
+        return Judge.from_env()
+
+    @property
+    def judge_id(self) -> str | None:
+        """What identifies the judge in stage hashes (never the API key)."""
+        j = self.judge
+        return f"{j.model}@{j.endpoint}" if j else None
 
     def key(self, *parts: str) -> str:
         return "/".join((f"seed{self.seed}",) + parts)
@@ -80,13 +96,15 @@ class Env:
         t = self.cfg["train"]
         return TrainSpec(epochs=float(epochs), batch_size=int(t["batch_size"]), lr=float(t["lr"]),
                          weight_decay=float(t["weight_decay"]), warmup_ratio=float(t["warmup_ratio"]),
-                         max_grad_norm=float(t["max_grad_norm"]), max_len=int(t["max_len"]))
+                         max_grad_norm=float(t["max_grad_norm"]), max_len=int(t["max_len"]),
+                         chat_template=self.cfg["data"]["chat_template"])
 
     def data_params(self, names: list[str]) -> dict:
         """The settings that determine the training data of `names` (for stage hashes)."""
         specs = {t.name: vars(t) for t in self.cfg.tasks}
         optim = {k: v for k, v in self.cfg["train"].items() if k != "epochs"}  # epochs: given per stage
-        return {"seed": self.seed, "tasks": [specs[n] for n in names], "train": optim}
+        return {"seed": self.seed, "tasks": [specs[n] for n in names], "train": optim,
+                "chat_template": self.cfg["data"]["chat_template"]}
 
 
 # ----- model I/O --------------------------------------------------------------------------------
@@ -263,15 +281,23 @@ def consolidation_data(env: Env, names: list[str], ratio: float, key: str) -> li
     return out
 
 
-def consolidate_stages(env: Env, method: str, fused: StageOut, core: StageOut, order: list[list[str]]) -> StageOut:
-    """Light SFT on sampled mixed data. freeze=all: one stage, every core frozen (paper §5);
-    cumulative: one stage per group, freezing the cores of the groups consolidated before it;
-    none: one stage, nothing frozen."""
+def consolidate_stages(env: Env, method: str, fused: StageOut, core: StageOut, order: list[list[str]],
+                       mode: str | None = None) -> StageOut:
+    """Light SFT on a `ratio` sample of each task's data, from the fused model (paper §2.5, Table 3).
+
+    mode multi_stage (paper default): one stage per group, in stage order, each on its group's
+    sample; single_stage: one stage on the mixed sample of every task. Frozen in each stage:
+    freeze=all: every task's core (paper); cumulative: the cores of the groups consolidated before
+    it (multi_stage only); none: nothing. Stage keys: ``consolidate`` (single) and
+    ``consolidate1..K`` (multi)."""
     c = env.cfg["cpift"]["consolidate"]
-    names = env.cfg.task_names
+    mode = mode or c["mode"]
+    names = [t for g in order for t in g]
     ratio, epochs = float(c["ratio"]), float(c["epochs"])
-    extra = {"ratio": ratio, "freeze": c["freeze"]}
-    if c["freeze"] in ("all", "none"):
+    extra = {"ratio": ratio, "freeze": c["freeze"], "mode": mode}
+    if mode == "single_stage":
+        if c["freeze"] == "cumulative":
+            raise ValueError("single-stage consolidation cannot freeze cumulatively (no earlier groups)")
         key = env.key(method, "consolidate")
         frozen = (core, names) if c["freeze"] == "all" else None
         return sft_stage(env, key, "consolidate", fused, names, epochs, frozen=frozen,
@@ -279,7 +305,8 @@ def consolidate_stages(env: Env, method: str, fused: StageOut, core: StageOut, o
     current, done = fused, []
     for k, group in enumerate(order):
         key = env.key(method, f"consolidate{k + 1}")
-        current = sft_stage(env, key, "consolidate", current, list(group), epochs, frozen=(core, list(done)),
+        frozen = {"all": (core, names), "cumulative": (core, list(done)), "none": None}[c["freeze"]]
+        current = sft_stage(env, key, "consolidate", current, list(group), epochs, frozen=frozen,
                             examples=consolidation_data(env, list(group), ratio, key), extra=extra)
         done += list(group)
     return current
@@ -291,27 +318,29 @@ def eval_stage(env: Env, name: str, model: StageOut) -> StageOut:
     def fn(out):
         m, tok = load_model(model, env.cfg["model"]["dtype"])
         m.to("cuda" if torch.cuda.is_available() else "cpu")
-        results = evaluate(m, tok, [env.tasks[n] for n in names], progress=env.progress,
-                           batch_size=int(env.cfg["eval"]["batch_size"]), desc=f"eval {name}")
+        results = evaluate_model(env, m, tok, names, desc=f"eval {name}")
         _dump(results, os.path.join(out, "results.json"))
         return {n: r["score"] for n, r in results.items()}
 
-    params = {"tasks": [vars(t) for t in env.cfg.tasks], "seed": env.seed}  # batch size: not in the result
+    params = {"tasks": [vars(t) for t in env.cfg.tasks], "seed": env.seed,  # batch size: not in the result
+              "chat_template": env.cfg["data"]["chat_template"], "max_len": env.cfg["train"]["max_len"],
+              "evaluator": env.cfg["eval"]["evaluator"], "judge": env.judge_id}
     return env.run.stage(env.key("eval", name), "eval", params, [model], fn, seed=env.seed)
+
+
+def evaluate_model(env: Env, model, tok, names: list[str], desc: str) -> dict:
+    """The configured evaluator on the tasks `names`."""
+    tasks = [env.tasks[n] for n in names]
+    if env.cfg["eval"]["evaluator"] == "lm_eval":
+        from .lm_eval_engine import evaluate_lm_eval
+
+        specs = {t.name: t for t in env.cfg.tasks}
+        return evaluate_lm_eval(model, tok, tasks, {n: specs[n].lm_eval_task for n in names},
+                                batch_size=int(env.cfg["eval"]["batch_size"]))
+    return evaluate(model, tok, tasks, progress=env.progress, batch_size=int(env.cfg["eval"]["batch_size"]),
+                    desc=desc, chat_template=env.cfg["data"]["chat_template"],
+                    max_len=int(env.cfg["train"]["max_len"]), judge=env.judge)
 
 
 def scores(stage: StageOut) -> dict[str, float]:
     return {n: r["score"] for n, r in load_json(stage, "results.json").items()}
-
-
-def forgetting_stage(env: Env, a: str, b: str, probes: dict[str, StageOut], core: StageOut | None) -> dict:
-    """A→B: start from probe A, fine-tune on B (probe budget) — fully, and with A's core frozen.
-    Returns {variant: eval StageOut}."""
-    epochs = env.cfg["forgetting"]["epochs"] or env.cfg["probe"]["epochs"]
-    out = {}
-    variants = [("full", None)] + ([("core_frozen", (core, [a]))] if core is not None else [])
-    for variant, frozen in variants:
-        key = env.key("forgetting", f"{a}_then_{b}", variant)
-        trained = sft_stage(env, key, "forgetting", probes[a], [b], float(epochs), frozen=frozen)
-        out[variant] = eval_stage(env, f"forgetting/{a}_then_{b}/{variant}", trained)
-    return out

@@ -11,23 +11,22 @@ training trades one task against another (seesaw), and training one task after a
 the first (forgetting). The generic pretraining mix (plain strings and a ``cpy`` copy task)
 teaches the format and the alphabet only, so every task is learned by fine-tuning.
 
-Real data (``kind: gsm8k`` / ``kind: codealpaca``): local files (GSM8K jsonl, CodeAlpaca json) or a
-hub name (needs the optional ``datasets`` package).
+Real data (GSM8K, CodeAlpaca, Alpaca, LogiQA, UltraChat, generic instructions) is read by
+loaders.py into the same ``Task``, with ``Chat`` prompts (rendered through the tokenizer's chat
+template when it has one).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Union
 
 ALPHABET = "abcdef"
 MIN_LEN, MAX_LEN = 5, 5  # fixed length: the position-free tasks stay learnable in a few steps
 
-Example = tuple[str, str]
+Example = tuple  # (prompt: str | Chat, response: str)
 
 
 def _shift(s: str, k: int) -> str:
@@ -50,27 +49,16 @@ TAGS = {"reverse": "rev", "sort": "srt", "shift": "shf", "rotate": "rot", "swap"
         "upper": "upp", "copy": "cpy"}
 
 
-def exact_match(prediction: str, reference: str) -> bool:
-    return prediction.strip() == reference.strip()
+@dataclass(frozen=True)
+class Chat:
+    """A prompt as a conversation: (role, content) turns ending with a user turn, and ``plain``, its
+    rendering for a tokenizer without a chat template (or with templates turned off)."""
+
+    messages: tuple[tuple[str, str], ...]
+    plain: str
 
 
-def gsm8k_match(prediction: str, reference: str) -> bool:
-    """The number after the last '####' (or the last number) equals the reference's."""
-    return _final_number(prediction) is not None and _final_number(prediction) == _final_number(reference)
-
-
-def _final_number(text: str) -> str | None:
-    tail = text.rsplit("####", 1)[-1] if "####" in text else text
-    nums = re.findall(r"-?\d[\d,]*(?:\.\d+)?", tail)
-    return nums[-1].replace(",", "").rstrip(".") if nums else None
-
-
-def normalized_match(prediction: str, reference: str) -> bool:
-    """Exact match after collapsing whitespace (CodeAlpaca)."""
-    return " ".join(prediction.split()) == " ".join(reference.split())
-
-
-METRICS = {"exact": exact_match, "gsm8k": gsm8k_match, "normalized": normalized_match}
+Prompt = Union[str, Chat]
 
 
 @dataclass
@@ -80,16 +68,10 @@ class Task:
     name: str
     train: list[Example]
     test: list[Example]
-    metric: str = "exact"
+    metric: str = "exact"            # a key of evaluate.SCORERS
     max_new_tokens: int = 8
     description: str = ""
-    meta: dict = field(default_factory=dict)
-
-    def score(self, predictions: list[str]) -> float:
-        fn = METRICS[self.metric]
-        if len(predictions) != len(self.test):
-            raise ValueError(f"task {self.name!r}: {len(predictions)} predictions for {len(self.test)} test examples")
-        return sum(fn(p, r) for p, (_, r) in zip(predictions, self.test)) / max(1, len(self.test))
+    meta: dict = field(default_factory=dict)   # e.g. LogiQA: "choices" and "gold" per test example
 
 
 def _random_string(rng: random.Random) -> str:
@@ -140,62 +122,3 @@ def pretraining_mix(n: int, seed: int) -> list[Example]:
         else:
             out.append((f"{TAGS['copy']} {s}=", s))
     return out
-
-
-# ----- real data ---------------------------------------------------------------------------------
-
-def _read_records(source: str, split: str, hub_config: str | None) -> list[dict]:
-    if os.path.isdir(source):
-        for candidate in (f"{split}.jsonl", f"{split}.json"):
-            if os.path.exists(os.path.join(source, candidate)):
-                return _read_records(os.path.join(source, candidate), split, hub_config)
-        files = sorted(f for f in os.listdir(source) if f.endswith((".json", ".jsonl")))
-        if len(files) == 1:
-            return _read_records(os.path.join(source, files[0]), split, hub_config)
-        raise FileNotFoundError(f"no {split}.jsonl / {split}.json (or single .json file) in {source}")
-    if os.path.exists(source):
-        with open(source) as f:
-            if source.endswith(".jsonl"):
-                return [json.loads(line) for line in f if line.strip()]
-            data = json.load(f)
-            return data if isinstance(data, list) else data[split]
-    try:
-        import datasets
-    except ImportError:
-        raise FileNotFoundError(f"{source!r} is not a local file or directory, and loading it as a hub data set "
-                                "needs the optional package `datasets` (pip install datasets)") from None
-    return list(datasets.load_dataset(source, hub_config, split=split))
-
-
-def load_gsm8k(source: str, n_train: int | None, n_test: int | None, seed: int, name: str = "gsm8k") -> Task:
-    """GSM8K: `question` → `answer` (ends in '#### N'); metric: the final number matches."""
-    def conv(records):
-        return [(f"Question: {r['question']}\nAnswer: ", r["answer"]) for r in records]
-    train = conv(_read_records(source, "train", "main"))
-    test = conv(_read_records(source, "test", "main"))
-    train, test = _subsample(train, n_train, seed), _subsample(test, n_test, 0)
-    return Task(name, train, test, metric="gsm8k", max_new_tokens=256, description="GSM8K grade-school math")
-
-
-def load_codealpaca(source: str, n_train: int | None, n_test: int | None, seed: int, name: str = "codealpaca") -> Task:
-    """CodeAlpaca `{instruction, input, output}`; a fixed 10% split is held out for test."""
-    records = _read_records(source, "train", None)
-    examples = []
-    for r in records:
-        prompt = f"Instruction: {r['instruction']}\n"
-        if r.get("input"):
-            prompt += f"Input: {r['input']}\n"
-        examples.append((prompt + "Response: ", r["output"]))
-    cut = max(1, len(examples) // 10)
-    test, train = examples[:cut], examples[cut:]
-    train, test = _subsample(train, n_train, seed), _subsample(test, n_test, 0)
-    return Task(name, train, test, metric="normalized", max_new_tokens=256, description="CodeAlpaca code instructions")
-
-
-def _subsample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
-    if n is None or n >= len(examples):
-        return examples
-    return random.Random(seed).sample(examples, n)
-
-
-REAL_LOADERS = {"gsm8k": load_gsm8k, "codealpaca": load_codealpaca}

@@ -38,6 +38,7 @@ class TrainSpec:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     max_len: int = 64
+    chat_template: str = "auto"      # data.render: "auto" (the tokenizer's, if any) or "never"
 
 
 def num_steps(n_examples: int, spec: TrainSpec) -> int:
@@ -110,7 +111,7 @@ def train(model, tok, examples: list[Example], spec: TrainSpec, *, frozen: Param
             save_strategy="no", report_to=[], seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(),
             disable_tqdm=True, log_level="error", dataloader_num_workers=0, remove_unused_columns=False,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=SFTDataset(examples, tok, spec.max_len),
+        trainer = Trainer(model=model, args=args, train_dataset=SFTDataset(examples, tok, spec.max_len, spec.chat_template),
                           data_collator=Collator(tok.pad_token_id), optimizers=(opt, sched),
                           callbacks=[_Log(), _ClipTrainable()])
         trainer.remove_callback(PrinterCallback)
