@@ -54,7 +54,7 @@ from typing import Any
 import torch
 
 from . import _ops, reference
-from .io import ShardedWriter, TensorSource, open_tensors
+from .io import ShardedWriter, TensorSource, honour_umask, open_tensors
 from .mask import ParamMask
 
 OVERLAP_RULES = {"last": 0, "first": 1, "mean": 2}
@@ -230,6 +230,10 @@ def _load_core(core: Any, task: str) -> ParamMask:
     raise TypeError(f"core of task {task!r} must be a ParamMask or a .mask path, got {type(core).__name__}")
 
 
+# what a pipeline stage directory holds besides the model: records of that run, not of the fusion
+RUN_RECORDS = frozenset({"manifest.json", "loss.json", "results.json", "source.json"})
+
+
 def _copy_config_files(src: Any, out: str) -> list[str]:
     """Carry config / tokenizer files of a backbone directory (or a transformers model's config)."""
     copied = []
@@ -237,17 +241,19 @@ def _copy_config_files(src: Any, out: str) -> list[str]:
         for fname in sorted(os.listdir(src)):
             path = os.path.join(src, fname)
             if not os.path.isfile(path) or fname.endswith(".safetensors") or fname.endswith(".index.json") \
-                    or fname.endswith((".bin", ".pt", ".pth", ".mask")):
+                    or fname.endswith((".bin", ".pt", ".pth", ".mask")) or fname in RUN_RECORDS:
                 continue
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out)
             os.close(fd)
             shutil.copyfile(path, tmp)
+            honour_umask(tmp)
             os.replace(tmp, os.path.join(out, fname))
             copied.append(fname)
     elif hasattr(src, "config") and hasattr(src.config, "to_json_string"):
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out)
         with os.fdopen(fd, "w") as f:
             f.write(src.config.to_json_string())
+        honour_umask(tmp)
         os.replace(tmp, os.path.join(out, "config.json"))
         copied.append("config.json")
     return copied
@@ -338,18 +344,29 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
 
 def _check_sources(bb: TensorSource, srcs: dict[str, TensorSource], base: TensorSource | None,
                    cores: dict[str, ParamMask]) -> None:
-    """Every tensor of the backbone must exist, with its shape, in every task (and base); every
-    tensor a core covers must exist in the backbone with the core's shape."""
+    """Every tensor of the backbone must exist, with its shape, in every task (and base), and no
+    task (or base) may hold a tensor the backbone lacks; floating tensors must have a dtype SLERP
+    supports; every tensor a core covers must exist in the backbone with the core's shape."""
     others = list(srcs.items()) + ([("base", base)] if base is not None else [])
     for name in bb.names:
         shape = bb.shape(name)
-        for k, src in others:
-            what = "base" if k == "base" and src is base else f"task {k!r}"
+        floating = bb.dtype(name).is_floating_point
+        for k, src in [("backbone", bb)] + others:
+            what = "base" if k == "base" and src is base else ("the backbone" if src is bb else f"task {k!r}")
             if name not in src:
                 raise KeyError(f"{what} ({src.description}) has no tensor {name!r}, which the backbone has")
             if src.shape(name) != shape:
                 raise ValueError(f"tensor {name!r} has shape {list(src.shape(name))} in {what}, "
                                  f"{list(shape)} in the backbone")
+            if floating and src.dtype(name) not in _KERNEL_DTYPES:
+                raise TypeError(f"tensor {name!r} is {src.dtype(name)} in {what} ({src.description}); SLERP "
+                                f"supports float32, float16 and bfloat16 (cast the checkpoint first)")
+    for k, src in others:
+        if len(src) != len(bb):
+            extra = next(n for n in src.names if n not in bb)
+            what = "base" if k == "base" and src is base else f"task {k!r}"
+            raise KeyError(f"{what} ({src.description}) has tensor {extra!r}, which the backbone "
+                           f"({bb.description}) lacks")
     if cores:
         layout = next(iter(cores.values())).layout
         for name, shape in zip(layout.names, layout.shapes):

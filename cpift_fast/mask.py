@@ -269,6 +269,9 @@ class ParamMask:
         try:
             save_file({"words": self.words.cpu()}, tmp,
                       metadata={"format": FORMAT, "version": FORMAT_VERSION, "layout": self.layout.to_json()})
+            from .io import honour_umask
+
+            honour_umask(tmp)  # mkstemp made it 0600
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)
@@ -277,15 +280,37 @@ class ParamMask:
     @classmethod
     def load(cls, path: str | os.PathLike, layout: MaskLayout | None = None,
              device: torch.device | str = "cpu") -> ParamMask:
-        """Read a mask written by save(); with `layout`, a different stored layout is an error."""
-        from safetensors import safe_open
+        """Read a mask written by save(); with `layout`, a different stored layout is an error.
+        Every defect of the file (truncated, not a mask, bad layout, word count, set padding bits)
+        raises an error naming the file (and the tensor)."""
+        from .io import SafetensorsFile
 
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
+        path = os.fspath(path)
+        with SafetensorsFile(path) as f:
+            meta = f.metadata
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a ParamMask file (metadata format={meta.get('format')!r})")
-            stored = MaskLayout.from_json(meta["layout"])
-            words = f.get_tensor("words")
+            try:
+                stored = MaskLayout.from_json(meta["layout"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"mask file {path}: invalid layout in the metadata ({exc})") from None
+            if f.names != ["words"]:
+                raise ValueError(f"mask file {path}: expected one tensor 'words', found {f.names}")
+            words = f.read("words")
+        if words.dtype != torch.int32 or words.dim() != 1 or words.numel() != stored.num_words:
+            raise ValueError(f"mask file {path}: 'words' is {words.dtype} of shape {list(words.shape)}; its layout "
+                             f"needs int32 of shape [{stored.num_words}]")
+        tails = [(i, end - 1, numel % 32) for i, (numel, end) in enumerate(zip(stored.numels, stored.offsets[1:]))
+                 if numel % 32]
+        if tails:
+            last = words[torch.tensor([w for _, w, _ in tails], dtype=torch.int64)]
+            keep = torch.tensor([(1 << b) - 1 for _, _, b in tails], dtype=torch.int64).to(torch.int32)
+            bad = (last & ~keep).nonzero().flatten()
+            if bad.numel():
+                i, _, bits = tails[int(bad[0])]
+                raise ValueError(f"mask file {path}: tensor {stored.names[i]!r} ({stored.numels[i]} elements) has "
+                                 f"bits set past its end (padding bits {bits}..31 of its last word); "
+                                 f"the file is corrupt")
         if layout is not None:
             diff = layout.difference(stored, "the expected layout", "the file")
             if diff is not None:

@@ -155,6 +155,9 @@ def _order(base: TensorSource, tuned: TensorSource, tuned_leads: bool) -> tuple[
                              f"{list(tuned.shape(name))} in tuned")
         if base.dtype(name) != tuned.dtype(name):
             raise ValueError(f"core_region: tensor {name!r} is {base.dtype(name)} in base but {tuned.dtype(name)} in tuned")
+        if base.dtype(name).is_complex:
+            raise TypeError(f"core_region: tensor {name!r} is {base.dtype(name)}; complex tensors are not supported "
+                            f"(select on torch.view_as_real of them to rank real and imaginary parts)")
     return sides[lead].names
 
 

@@ -441,8 +441,9 @@ def test_streamed_sharded_fusion_equals_in_memory_and_loads(tmp_path):
             assert torch.equal(tensor, in_memory[name]), name
     assert json.loads(stats_path.read_text())["transplanted"] == stats["transplanted"]
     assert (tmp_path / "fuse.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(argv) == 1  # the output exists: one error line, no traceback (--debug re-raises)
     with pytest.raises(FileExistsError):
-        main(argv)
+        main(argv + ["--debug"])
 
 
 def test_opcheck_cpp_ops():

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .config import DEMO, Config, load_config, parse_override
+from .config import DEMO, Config, ConfigError, load_config, parse_override
 from .methods import METHODS, cpift_consolidation_modes, forgetting, probes
 from .run import Run
 from .stages import Env, base_stage, core_stage, eval_stage, load_json, scores
@@ -15,17 +15,21 @@ from .stages import Env, base_stage, core_stage, eval_stage, load_json, scores
 
 
 def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = None, seeds: int | None = None,
-                 write_report: bool = True) -> dict:
-    """Run (or resume) every stage of `cfg`; return the collected results (and write the report)."""
+                 write_report: bool = True, verify: str = "fast") -> dict:
+    """Run (or resume) every stage of `cfg`; return the collected results (and write the report).
+    `seeds`: the number of seeds (None: the config's); `verify`: how reused stages are checked
+    ("fast": file sizes, "full": contents too; see run.py)."""
+    if seeds is not None and (not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1):
+        raise ConfigError(f"--seeds must be a positive integer (the number of seeds), got {seeds!r}")
     torch.set_num_threads(int(cfg["threads"]))
     if cfg["model"]["source"] == "tiny":  # loading/saving a tiny model is instant: no bars for it
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    run = Run(os.path.join(runs_dir, cfg.name), from_kind=from_kind, progress=bool(cfg["progress"]))
+    run = Run(os.path.join(runs_dir, cfg.name), from_kind=from_kind, progress=bool(cfg["progress"]), verify=verify)
     base = base_stage(cfg, run)
-    n_seeds = int(seeds or cfg["seeds"])
+    n_seeds = int(cfg["seeds"] if seeds is None else seeds)
     names = cfg.task_names
     results: dict = {"tasks": names, "methods": list(cfg["methods"]), "seeds": {}, "run_dir": run.root}
     for seed in range(int(cfg["seed"]), int(cfg["seed"]) + n_seeds):
@@ -65,7 +69,8 @@ def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = No
     if write_report:
         from .report import write_report as _write
 
-        results["report"] = _write(cfg, results)
+        with run.lock("report"):  # two processes on one run directory: one report at a time
+            results["report"] = _write(cfg, results)
     return results
 
 
@@ -83,9 +88,7 @@ def run_config(path: str, runs_dir: str = "runs", from_kind: str | None = None, 
 
 
 def _cli(config, args) -> int:
-    import sys
-
-    from .config import ConfigError
+    """`cpift run` / `cpift demo`; errors propagate to cli.main (one `cpift: error:` line)."""
     from .run import KINDS
 
     overrides = {}
@@ -94,15 +97,11 @@ def _cli(config, args) -> int:
     if args.no_progress:
         overrides["progress"] = False
     if args.from_stage is not None and args.from_stage not in KINDS:
-        print(f"cpift: --from {args.from_stage!r}: unknown stage (valid: {', '.join(KINDS)})", file=sys.stderr)
-        return 2
-    try:
-        dotted = [parse_override(item) for item in getattr(args, "overrides", [])]
-        cfg = load_config(config, overrides, dotted=dotted)
-    except ConfigError as exc:
-        print(f"cpift: config error: {exc}", file=sys.stderr)
-        return 2
-    run_pipeline(cfg, runs_dir=args.runs_dir, from_kind=args.from_stage, seeds=args.seeds)
+        raise ConfigError(f"--from {args.from_stage!r}: unknown stage (valid: {', '.join(KINDS)})")
+    dotted = [parse_override(item) for item in getattr(args, "overrides", [])]
+    cfg = load_config(config, overrides, dotted=dotted)
+    run_pipeline(cfg, runs_dir=args.runs_dir, from_kind=args.from_stage, seeds=args.seeds,
+                 verify=getattr(args, "verify", "fast"))
     return 0
 
 

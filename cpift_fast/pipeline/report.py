@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections import defaultdict
 
+from ..io import honour_umask
 from .config import Config
 from .methods import CONSOLIDATION_LABELS, FORGETTING_LABELS, LABELS, METHODS
 
@@ -179,6 +180,7 @@ def _savefig(fig, path: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
     os.close(fd)
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    honour_umask(tmp)
     os.replace(tmp, path)
 
 
@@ -353,6 +355,7 @@ def write_report(cfg: Config, results: dict) -> str:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".md", dir=root)
     with os.fdopen(fd, "w") as f:
         f.write("\n".join(lines) + "\n")
+    honour_umask(tmp)
     os.replace(tmp, path)
     print(summary(cfg, results, path))
     return path
