@@ -15,6 +15,10 @@ import json
 import sys
 
 
+class UsageError(ValueError):
+    """A command-line argument is wrong (exit status 2, like argparse's own errors)."""
+
+
 def _cmd_info(args: argparse.Namespace) -> int:
     from . import backend_info
 
@@ -37,6 +41,9 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="re-run this stage kind and every later one: base probe core group stages fuse "
                         "consolidate forgetting eval")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verify", choices=["fast", "full"], default="fast",
+                   help="how finished stages are checked before reuse: fast = every file present with its "
+                        "recorded size (default); full = also re-hash their contents")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (dotted key, YAML value), e.g. --set cpift.p=0.05; repeatable")
 
@@ -83,7 +90,7 @@ def _cmd_overlap(args: argparse.Namespace) -> int:
     masks = [ParamMask.load(p) for p in args.masks]
     names = args.names.split(",") if args.names else [os.path.splitext(os.path.basename(p))[0] for p in args.masks]
     if len(names) != len(masks):
-        raise SystemExit(f"--names gives {len(names)} names for {len(masks)} masks")
+        raise UsageError(f"--names gives {len(names)} names for {len(masks)} masks")
     inter, union = overlap_counts(masks)
     J = torch.where(union > 0, inter.double() / union.clamp(min=1).double(), 0.0)
     groups = group_tasks(J, args.tau, names)
@@ -112,7 +119,7 @@ def _parse_t(text: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        raise SystemExit(f"-t must be a number or JSON (anchor list or filter dict), got {text!r}") from None
+        raise UsageError(f"-t must be a number or JSON (anchor list or filter dict), got {text!r}") from None
 
 
 def _cmd_fuse(args: argparse.Namespace) -> int:
@@ -126,9 +133,9 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
     for spec in args.task:
         name, sep, rest = spec.partition("=")
         if not sep or not name or not rest:
-            raise SystemExit(f"--task must be NAME=DIR[:MASK], got {spec!r}")
+            raise UsageError(f"--task must be NAME=DIR[:MASK], got {spec!r}")
         if name in tasks:
-            raise SystemExit(f"--task {name!r} given twice")
+            raise UsageError(f"--task {name!r} given twice")
         path, mask = rest, None
         if ":" in rest:
             head, _, tail = rest.rpartition(":")
@@ -138,7 +145,7 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
         if mask is not None:
             cores[name] = mask
     if cores and set(cores) != set(tasks):
-        raise SystemExit(f"give a core mask for every task or for none (masks for {sorted(cores)} only)")
+        raise UsageError(f"give a core mask for every task or for none (masks for {sorted(cores)} only)")
     out, stats = fuse_models(args.backbone, tasks, cores or None, t=_parse_t(args.t), base=args.base,
                              overlap_rule=args.overlap_rule, out=args.output, space=args.space,
                              dot_threshold=args.dot_threshold, max_shard_size=args.max_shard_size,
@@ -224,12 +231,66 @@ def build_parser() -> argparse.ArgumentParser:
     _pipeline_args(p)
     p.set_defaults(func=_cmd_run)
 
+    for command in sub.choices.values():  # --debug also after the subcommand
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler's stop) while a command runs: unwound like Ctrl-C."""
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception: its message (OS errors: the reason and the file)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        files = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        return f"{exc.strerror}: {files}" if files else exc.strerror
+    text = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if isinstance(exc, (ValueError, OSError, KeyError, TypeError)) else f"{type(exc).__name__}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    """Run one command. Failures end with one ``cpift: error: ...`` line on stderr and exit status
+    1 (2 for a bad config or argument); Ctrl-C / SIGTERM end with "interrupted; re-run to resume"
+    (130 / 143). ``--debug`` shows the full traceback instead."""
+    parser = build_parser()
+    parser.add_argument("--debug", action="store_true", help="show the full Python traceback of an error")
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    try:
+        return int(args.func(args) or 0)
+    except (KeyboardInterrupt, Terminated) as exc:
+        if debug:
+            raise
+        print("cpift: interrupted; re-run to resume", file=sys.stderr, flush=True)
+        return 143 if isinstance(exc, Terminated) else 130
+    except Exception as exc:  # noqa: BLE001 - every failure becomes one line (traceback with --debug)
+        if debug:
+            raise
+        from .pipeline.config import ConfigError
+
+        usage = isinstance(exc, (ConfigError, UsageError))
+        expected = usage or isinstance(exc, (ValueError, OSError, KeyError))  # errors the code raises on purpose
+        hint = "" if expected else " (run with --debug for the traceback)"
+        print(f"cpift: error: {_describe(exc)}{hint}", file=sys.stderr, flush=True)
+        return 2 if usage else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":
