@@ -6,6 +6,7 @@
     cpift overlap A.mask B.mask ...  Jaccard matrix of task cores and the groups (--tau, --plot)
     cpift fuse --backbone DIR --task NAME=DIR:MASK ... -o OUT   core transplant + SLERP, streamed
     cpift run CONFIG.yaml            CPI-FT + baselines from a config; resumable (--from STAGE, --seeds N)
+    cpift sweep CONFIG --set K=V1,V2,...   one run per value (grid over two keys), stages shared; Fig. 2 plot
 """
 
 from __future__ import annotations
@@ -173,6 +174,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_cli(args)
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .pipeline.sweep import sweep_cli
+
+    return sweep_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cpift", description="Core-parameter isolation fine-tuning, fast.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -230,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config (see examples/demo.yaml)")
     _pipeline_args(p)
     p.set_defaults(func=_cmd_run)
+    # [issue 12] cpift sweep
+    p = sub.add_parser("sweep", help="sweep config values (e.g. --set cpift.tau=0,0.05,0.1): score vs value plot")
+    p.add_argument("config", help="YAML config, or 'demo' for the built-in demo")
+    p.add_argument("--runs-dir", default="runs", help="the sweep goes to RUNS_DIR/NAME/sweep/ (default ./runs)")
+    p.add_argument("--name", help="run name (default: the config's name)")
+    p.add_argument("--seeds", type=int, help="number of seeds per point; default: the config's")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a swept key (several comma-separated values) or a fixed override (one value); repeatable")
+    p.set_defaults(func=_cmd_sweep)
 
     for command in sub.choices.values():  # --debug also after the subcommand
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -38,6 +38,7 @@ SYNTHETIC: dict[str, tuple[str, Callable[[str], str]]] = {
     "reverse": ("the string reversed", lambda s: s[::-1]),
     "sort": ("the letters sorted", lambda s: "".join(sorted(s))),
     "shift": ("each letter replaced by the next one in the alphabet (f wraps to a)", lambda s: _shift(s, 1)),
+    "unshift": ("each letter replaced by the previous one (a wraps to f): shift's inverse", lambda s: _shift(s, -1)),
     "rotate": ("the string rotated left by two", lambda s: s[2:] + s[:2]),
     "swap": ("first and last letters swapped", lambda s: s[-1] + s[1:-1] + s[0]),
     "mirror": ("each letter mirrored in the alphabet (a<->f, b<->e, c<->d)",
@@ -45,7 +46,7 @@ SYNTHETIC: dict[str, tuple[str, Callable[[str], str]]] = {
     "upper": ("the string in upper case", lambda s: s.upper()),
     "count": ("the number of a's, as a digit", lambda s: str(s.count("a"))),
 }
-TAGS = {"reverse": "rev", "sort": "srt", "shift": "shf", "rotate": "rot", "swap": "swp", "count": "cnt", "mirror": "mir",
+TAGS = {"unshift": "uns", "reverse": "rev", "sort": "srt", "shift": "shf", "rotate": "rot", "swap": "swp", "count": "cnt", "mirror": "mir",
         "upper": "upp", "copy": "cpy"}
 
 
