@@ -363,16 +363,8 @@ def validate(raw: dict) -> Config:
         if problem is not None:
             raise ConfigError(f"task name {problem}")
     c = cfg["cpift"]
-    if c["consolidate"]["mode"] not in CONSOLIDATE_MODES:
-        raise ConfigError(f"cpift.consolidate.mode must be one of {CONSOLIDATE_MODES}, got {c['consolidate']['mode']!r}")
     if c["consolidate"]["mode"] == "single_stage" and c["consolidate"]["freeze"] == "cumulative":
         raise ConfigError("cpift.consolidate.freeze: cumulative needs mode: multi_stage (a single stage has no earlier groups)")
-    if not isinstance(c["consolidate"]["compare_modes"], bool):
-        raise ConfigError(f"cpift.consolidate.compare_modes must be true or false, got {c['consolidate']['compare_modes']!r}")
-    if cfg["data"]["chat_template"] not in CHAT_TEMPLATE:
-        raise ConfigError(f"data.chat_template must be one of {CHAT_TEMPLATE}, got {cfg['data']['chat_template']!r}")
-    if cfg["eval"]["evaluator"] not in EVALUATORS:
-        raise ConfigError(f"eval.evaluator must be one of {EVALUATORS}, got {cfg['eval']['evaluator']!r}")
     if cfg["eval"]["evaluator"] == "lm_eval":
         missing = [t.name for t in tasks if not t.lm_eval_task]
         if missing:
@@ -451,22 +443,27 @@ def load_config(path_or_dict: str | os.PathLike | dict, overrides: dict | None =
     return validate(raw)
 
 
-# What `cpift demo` runs (mirrored by examples/demo.yaml): four built-in tasks on a tiny Llama,
-# sized to finish in a few minutes on a 2-core CPU.
+# What `cpift demo` runs (mirrored by examples/demo.yaml): four built-in tasks on a tiny Llama, sized
+# to finish in a few minutes on a 2-core CPU. The suite is built to show the problem, not to favour
+# a method: shift and unshift are inverse maps of the same inputs (their tags alone tell them apart),
+# the model is small (hidden 32, one layer), and every method gets the probes' budget (one epoch
+# over each task's data), so joint training trades tasks against each other (seesaw) and training
+# one task after another overwrites the first (forgetting).
 DEMO: dict = {
     "name": "demo",
     "seed": 0,
     "seeds": 3,
     "threads": 1,
-    "model": {"source": "tiny", "hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 256},
+    "model": {"source": "tiny", "hidden_size": 32, "num_layers": 1, "num_heads": 4, "intermediate_size": 64},
     "pretrain": {"examples": 12000, "epochs": 1.0, "lr": 3e-3},
     "data": {"n_train": 1000, "n_test": 200},
-    "tasks": ["shift", "mirror", "upper", "count"],
-    "train": {"epochs": 2.0, "batch_size": 32, "lr": 3e-3, "max_len": 32},
+    "tasks": ["shift", "unshift", "mirror", "upper"],
+    "train": {"epochs": 1.0, "batch_size": 32, "lr": 3e-3, "max_len": 32},
     "probe": {"epochs": 1.0},
     "cpift": {"p": 0.01, "tau": 0.1, "order": "random", "t": 0.5,
-              "consolidate": {"ratio": 0.1, "epochs": 1.0, "freeze": "all"}},
+              "consolidate": {"ratio": 0.1, "epochs": 1.0, "freeze": "all", "mode": "multi_stage",
+                              "compare_modes": True}},
     "methods": ["full_sft", "ms_random", "ms_user", "cpift"],
-    "baselines": {"ms_random": {"k": 2}, "ms_user": {"groups": [["shift", "mirror"], ["upper", "count"]]}},
-    "forgetting": {"pairs": [["shift", "mirror"]]},
+    "baselines": {"ms_random": {"k": 2}, "ms_user": {"groups": [["shift", "unshift"], ["mirror", "upper"]]}},
+    "forgetting": {"pairs": [["shift", "unshift"]], "methods": ["full_sft", "multi_stage", "cpift"]},
 }
