@@ -19,7 +19,10 @@ Concurrency: each stage has an exclusive lock (``flock`` on ``.locks/<key>.lock`
 directory), held while it is checked, computed and published. Several processes may work on one
 run directory: two that need the same stage do it once (the second waits, then reuses the first's
 result), independent stages proceed in parallel. A temp directory is removed only by a process
-holding its stage's lock, i.e. when its owner is dead.
+holding its stage's lock, i.e. when its owner is dead. Readers of a finished stage take no lock:
+a stage that is *replaced* (``--from``, or a failed verification) while another process reads its
+files can fail that reader, so re-run with ``--from`` from one process at a time. Locks are
+``flock``: local file systems and NFSv4 (Linux maps it to POSIX locks there).
 """
 
 from __future__ import annotations
