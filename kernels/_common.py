@@ -17,6 +17,8 @@ GPU compile must give the same bits.
 - ``popcount32(x, USE_LIBDEVICE)``: bits set per uint32 lane; libdevice ``popc`` when compiled for a
   GPU (one instruction), a SWAR sum under the interpreter, which cannot run libdevice.
 - ``use_libdevice(t)``: the value of USE_LIBDEVICE for a launch on tensor ``t``.
+- ``KernelSpec``: one specialization a launcher can take; each kernel module's ``aot_specs()``
+  yields all of them, and the AOT gate (tools/triton_aot.py) compiles each for sm_80 and sm_90.
 
 Contract for every kernel (the AOT gate in tools/triton_aot.py checks it in the PTX): launches and
 compiles use ``enable_fp_fusion=False`` (``FP_OPTIONS``), so ``a * b + c`` rounds twice on GPU as
@@ -26,6 +28,7 @@ in the interpreter; an ``tl.fma`` written in the source is a real fused multiply
 """
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -34,6 +37,15 @@ from triton.language.extra import libdevice
 
 # keyword arguments of every kernel launch: no FMA contraction on GPU (the interpreter never contracts)
 FP_OPTIONS = {"enable_fp_fusion": False}
+
+
+class KernelSpec(NamedTuple):
+    """One compiled variant of a kernel: `types` gives the type of each runtime parameter that has no
+    `tl.<dtype>` annotation ("*fp32", "*i32", "fp32", ...), `constexprs` every tl.constexpr value."""
+    kernel: object
+    types: dict
+    constexprs: dict
+    num_warps: int = 4
 
 
 def use_libdevice(t: torch.Tensor) -> bool:

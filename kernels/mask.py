@@ -1,38 +1,25 @@
 """Triton kernels for bit-packed masks: pack, unpack, per-segment popcount, word-wise algebra.
 
 Bit i of a segment is bit (i % 32) of word offset + i // 32. Words are int32; every kernel works
-on them as uint32 so that shifts are logical.
+on them as uint32 so that shifts are logical. Element and word indices are int64 (a mask may hold
+more than 2^31 elements); sizes are passed as int64 (`tl.int64` annotations), so one compiled
+kernel serves every size. Arguments are checked by the op (cpift_fast/ops/mask.py), not here.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-WORDS_PER_BLOCK = 1024
+from ._common import FP_OPTIONS, KernelSpec, popcount32, use_libdevice
+
+PACK_WORDS = 128  # words per program in pack (4096 bits)
+ELEMENTS = 4096  # elements (unpack) or words (binary) per program
+WORDS_PER_BLOCK = 1024  # words per program in popcount
 
 
 @triton.jit
-def popcount32(x, USE_LIBDEVICE: tl.constexpr):
-    """Bits set in each uint32 lane: libdevice popc on GPU, SWAR (portable, interpreter) else."""
-    if USE_LIBDEVICE:
-        from triton.language.extra import libdevice
-
-        return libdevice.popc(x.to(tl.int32))
-    x = x - ((x >> 1) & 0x55555555)
-    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
-    x = (x + (x >> 4)) & 0x0F0F0F0F
-    return ((x * 0x01010101) >> 24).to(tl.int32)
-
-
-def use_libdevice(t: torch.Tensor) -> bool:
-    import os
-
-    return t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1"
-
-
-@triton.jit
-def _pack_kernel(bits_ptr, words_ptr, n, nwords, BLOCK: tl.constexpr):
-    w = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _pack_kernel(bits_ptr, words_ptr, n: tl.int64, nwords: tl.int64, BLOCK: tl.constexpr):
+    w = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     b = tl.arange(0, 32)
     idx = w[:, None] * 32 + b[None, :]
     bit = tl.load(bits_ptr + idx, mask=idx < n, other=0).to(tl.uint32)
@@ -41,8 +28,8 @@ def _pack_kernel(bits_ptr, words_ptr, n, nwords, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _unpack_kernel(words_ptr, bits_ptr, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _unpack_kernel(words_ptr, bits_ptr, n: tl.int64, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < n
     word = tl.load(words_ptr + (i >> 5), mask=inside, other=0).to(tl.uint32, bitcast=True)
     bit = (word >> (i & 31).to(tl.uint32)) & 1
@@ -53,7 +40,7 @@ def _unpack_kernel(words_ptr, bits_ptr, n, BLOCK: tl.constexpr):
 def _popcount_blocks_kernel(words_ptr, block_start_ptr, block_end_ptr, out_ptr, BLOCK: tl.constexpr,
                             USE_LIBDEVICE: tl.constexpr):
     pid = tl.program_id(0)
-    start = tl.load(block_start_ptr + pid)
+    start = tl.load(block_start_ptr + pid)  # int64 word index
     end = tl.load(block_end_ptr + pid)
     i = start + tl.arange(0, BLOCK)
     word = tl.load(words_ptr + i, mask=i < end, other=0).to(tl.uint32, bitcast=True)
@@ -61,8 +48,8 @@ def _popcount_blocks_kernel(words_ptr, block_start_ptr, block_end_ptr, out_ptr, 
 
 
 @triton.jit
-def _binary_kernel(a_ptr, b_ptr, out_ptr, n, OP: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _binary_kernel(a_ptr, b_ptr, out_ptr, n: tl.int64, OP: tl.constexpr, BLOCK: tl.constexpr):
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = i < n
     a = tl.load(a_ptr + i, mask=inside, other=0)
     b = tl.load(b_ptr + i, mask=inside, other=0)
@@ -82,24 +69,23 @@ def mask_pack(bits: torch.Tensor) -> torch.Tensor:
     n = flat.numel()
     words = torch.empty((n + 31) // 32, dtype=torch.int32, device=flat.device)
     if words.numel():
-        block = 128
-        _pack_kernel[(triton.cdiv(words.numel(), block),)](flat.view(torch.uint8), words, n, words.numel(),
-                                                            BLOCK=block)
+        _pack_kernel[(triton.cdiv(words.numel(), PACK_WORDS),)](flat.view(torch.uint8), words, n, words.numel(),
+                                                                 BLOCK=PACK_WORDS, **FP_OPTIONS)
     return words
 
 
 def mask_unpack(words: torch.Tensor, numel: int) -> torch.Tensor:
     bits = torch.empty(numel, dtype=torch.bool, device=words.device)
     if numel:
-        block = 4096
-        _unpack_kernel[(triton.cdiv(numel, block),)](words, bits, numel, BLOCK=block)
+        _unpack_kernel[(triton.cdiv(numel, ELEMENTS),)](words, bits, numel, BLOCK=ELEMENTS, **FP_OPTIONS)
     return bits
 
 
 def segment_blocks(offsets: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split each segment [offsets[s], offsets[s+1]) into chunks of at most `block` words.
 
-    Returns (start, end, segment) per chunk: the table that lets one launch cover every tensor.
+    Returns (start, end, segment) per chunk, in segment order: the table that lets one launch cover
+    every tensor.
     """
     offs = offsets.to("cpu", torch.int64)
     lengths = offs[1:] - offs[:-1]
@@ -112,22 +98,49 @@ def segment_blocks(offsets: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     return start, end, segment
 
 
+def segment_sum(partial: torch.Tensor, chunks_per_segment: torch.Tensor) -> torch.Tensor:
+    """Per-segment int64 sums of consecutive runs of `partial` (run s has chunks_per_segment[s] items).
+
+    A difference of an integer prefix sum: deterministic on every device (no atomics, unlike
+    index_add_ on CUDA), exact in int64.
+    """
+    dev = partial.device
+    prefix = torch.zeros(partial.numel() + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(partial.to(torch.int64), 0, out=prefix[1:])
+    bounds = torch.zeros(chunks_per_segment.numel() + 1, dtype=torch.int64)
+    torch.cumsum(chunks_per_segment.to(torch.int64), 0, out=bounds[1:])
+    bounds = bounds.to(dev)
+    return prefix[bounds[1:]] - prefix[bounds[:-1]]
+
+
 def mask_popcount(words: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     nseg = offsets.numel() - 1
     start, end, segment = segment_blocks(offsets, WORDS_PER_BLOCK)
-    counts = torch.zeros(nseg, dtype=torch.int64, device=words.device)
     if start.numel() == 0:
-        return counts
+        return torch.zeros(nseg, dtype=torch.int64, device=words.device)
     dev = words.device
     partial = torch.empty(start.numel(), dtype=torch.int32, device=dev)
     _popcount_blocks_kernel[(start.numel(),)](words, start.to(dev), end.to(dev), partial, BLOCK=WORDS_PER_BLOCK,
-                                              USE_LIBDEVICE=use_libdevice(words))
-    return counts.index_add_(0, segment.to(dev), partial.to(torch.int64))
+                                              USE_LIBDEVICE=use_libdevice(words), **FP_OPTIONS)
+    return segment_sum(partial, torch.bincount(segment, minlength=nseg))
 
 
 def mask_binary(a: torch.Tensor, b: torch.Tensor, op: int) -> torch.Tensor:
     out = torch.empty_like(a)
     if a.numel():
-        block = 4096
-        _binary_kernel[(triton.cdiv(a.numel(), block),)](a, b, out, a.numel(), OP=op, BLOCK=block)
+        _binary_kernel[(triton.cdiv(a.numel(), ELEMENTS),)](a, b, out, a.numel(), OP=op, BLOCK=ELEMENTS,
+                                                             **FP_OPTIONS)
     return out
+
+
+def aot_specs():
+    """Every specialization the launchers above can take (compiled by tools/triton_aot.py)."""
+    yield KernelSpec(_pack_kernel, {"bits_ptr": "*u8", "words_ptr": "*i32"}, {"BLOCK": PACK_WORDS})
+    yield KernelSpec(_unpack_kernel, {"words_ptr": "*i32", "bits_ptr": "*u1"}, {"BLOCK": ELEMENTS})
+    for lib in (False, True):
+        yield KernelSpec(_popcount_blocks_kernel, {"words_ptr": "*i32", "block_start_ptr": "*i64",
+                                                   "block_end_ptr": "*i64", "out_ptr": "*i32"},
+                         {"BLOCK": WORDS_PER_BLOCK, "USE_LIBDEVICE": lib})
+    for op in range(4):
+        yield KernelSpec(_binary_kernel, {"a_ptr": "*i32", "b_ptr": "*i32", "out_ptr": "*i32"},
+                         {"OP": op, "BLOCK": ELEMENTS})

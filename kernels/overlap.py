@@ -3,22 +3,29 @@
 Masks are separate int32 buffers; the launcher passes the first one's pointer plus each mask's
 word offset relative to it (no stacking copy). A program loads a [T_PAD, BLOCK] tile of words
 (each word from memory once), ANDs it with each of the T rows (re-read from cache) and writes
-per-block partial counts [T_PAD, T_PAD]; the blocks are summed in int64.
+per-block partial counts [T_PAD, T_PAD]; the blocks are summed in int64. Word indices and partial
+offsets are int64. Arguments (same layout, int32, one device) are checked by the op
+(cpift_fast/ops/overlap.py), not here.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .mask import popcount32, use_libdevice
+from ._common import FP_OPTIONS, KernelSpec, popcount32, use_libdevice
 
 BLOCK_WORDS = 1024  # words per program for T <= 8; fewer for more masks
+MAX_T = 16  # masks the AOT gate compiles for (every T in 1..MAX_T); more is legal, just not pre-compiled
+
+
+def _block(t_pad: int) -> int:
+    return max(64, min(BLOCK_WORDS, 8192 // t_pad))  # keep the [T_PAD, BLOCK] tile in registers
 
 
 @triton.jit
-def _overlap_kernel(base_ptr, offs_ptr, partial_ptr, nwords, T: tl.constexpr, T_PAD: tl.constexpr,
+def _overlap_kernel(base_ptr, offs_ptr, partial_ptr, nwords: tl.int64, T: tl.constexpr, T_PAD: tl.constexpr,
                     BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0).to(tl.int64)
     cols = pid * BLOCK + tl.arange(0, BLOCK)
     rows = tl.arange(0, T_PAD)
     row_off = tl.load(offs_ptr + rows, mask=rows < T, other=0)
@@ -34,19 +41,9 @@ def _overlap_kernel(base_ptr, offs_ptr, partial_ptr, nwords, T: tl.constexpr, T_
 
 def overlap_counts(masks: list[torch.Tensor]) -> torch.Tensor:
     T = len(masks)
-    if T == 0:
-        return torch.zeros(0, 0, dtype=torch.int64)
     words = [m.reshape(-1) for m in masks]
-    nwords = words[0].numel()
-    for i, w in enumerate(words):
-        if w.dtype != torch.int32:
-            raise ValueError(f"overlap_counts: mask {i} must be int32 words, got {w.dtype}")
-        if w.numel() != nwords:
-            raise ValueError(f"overlap_counts: mask {i} has {w.numel()} words, mask 0 has {nwords} "
-                             "(masks must share one layout)")
-        if w.device != words[0].device:
-            raise ValueError(f"overlap_counts: mask {i} is on {w.device}, mask 0 on {words[0].device}")
     words = [w if w.is_contiguous() else w.contiguous() for w in words]
+    nwords = words[0].numel()
     dev = words[0].device
     out = torch.zeros(T, T, dtype=torch.int64, device=dev)
     if nwords == 0:
@@ -54,12 +51,21 @@ def overlap_counts(masks: list[torch.Tensor]) -> torch.Tensor:
     base = words[0].data_ptr()
     offs = torch.tensor([(w.data_ptr() - base) // 4 for w in words], dtype=torch.int64, device=dev)
     t_pad = triton.next_power_of_2(T)
-    block = max(64, min(BLOCK_WORDS, 8192 // t_pad))  # keep the [T_PAD, BLOCK] tile in registers
+    block = _block(t_pad)
     grid = triton.cdiv(nwords, block)
     partial = torch.empty(grid, t_pad, t_pad, dtype=torch.int32, device=dev)
     _overlap_kernel[(grid,)](words[0], offs, partial, nwords, T=T, T_PAD=t_pad, BLOCK=block,
-                             USE_LIBDEVICE=use_libdevice(words[0]))
+                             USE_LIBDEVICE=use_libdevice(words[0]), **FP_OPTIONS)
     counts = partial.sum(dim=0, dtype=torch.int64)[:T, :T]
     # keep every input alive until the kernel has read it (offsets are raw pointer differences)
     del words
     return counts.contiguous()
+
+
+def aot_specs():
+    """Specializations the launcher takes for T = 1..MAX_T masks (compiled by tools/triton_aot.py)."""
+    for T in range(1, MAX_T + 1):
+        t_pad = triton.next_power_of_2(T)
+        for lib in (False, True):
+            yield KernelSpec(_overlap_kernel, {"base_ptr": "*i32", "offs_ptr": "*i64", "partial_ptr": "*i32"},
+                             {"T": T, "T_PAD": t_pad, "BLOCK": _block(t_pad), "USE_LIBDEVICE": lib})

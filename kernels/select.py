@@ -1,15 +1,19 @@
 """Triton kernels for core selection: fused |base − tuned| → key histograms and mask bits.
 
 key = bits(fp32(base) − fp32(tuned)) & 0x7fffffff (non-negative floats order like their
-bits). Histograms use global atomics (int64 bins). The mask is written in two launches: one counts
+bits). Histograms use global atomics (int64 bins, relaxed ordering: only the final counts matter,
+read after the launch). The mask is written in two launches: one counts
 the keys equal to the threshold per block, a host cumsum turns the counts into each block's tie
 rank offset, and the second writes bit = key > threshold | (key == threshold & tie rank <= budget),
-so ties go to the earliest flat indices exactly as in the C++ and reference ops.
+so ties go to the earliest flat indices exactly as in the C++ and reference ops. Indices and sizes
+are int64. Arguments are checked by the op (cpift_fast/ops/select.py), not here.
 """
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import FP_OPTIONS, KernelSpec, to_f32
 
 HIST_BLOCK = 4096
 MASK_WORDS = 64  # words per program in the mask kernels (2048 elements)
@@ -17,13 +21,13 @@ MASK_WORDS = 64  # words per program in the mask kernels (2048 elements)
 
 @triton.jit
 def _keys(a_ptr, b_ptr, offs, inside):
-    a = tl.load(a_ptr + offs, mask=inside, other=0).to(tl.float32)
-    b = tl.load(b_ptr + offs, mask=inside, other=0).to(tl.float32)
+    a = to_f32(tl.load(a_ptr + offs, mask=inside, other=0))
+    b = to_f32(tl.load(b_ptr + offs, mask=inside, other=0))
     return (a - b).to(tl.int32, bitcast=True) & 0x7FFFFFFF  # sign cleared: fits int32, compares signed
 
 
 @triton.jit
-def _hist_kernel(a_ptr, b_ptr, hist_ptr, n, prefix, LEVEL: tl.constexpr, BLOCK: tl.constexpr):
+def _hist_kernel(a_ptr, b_ptr, hist_ptr, n: tl.int64, prefix: tl.int32, LEVEL: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
     key = _keys(a_ptr, b_ptr, offs, inside)
@@ -34,11 +38,11 @@ def _hist_kernel(a_ptr, b_ptr, hist_ptr, n, prefix, LEVEL: tl.constexpr, BLOCK: 
         valid = valid & ((key >> 16) == prefix)
         bins = key & 0xFFFF
     ones = tl.full([BLOCK], 1, tl.int64)
-    tl.atomic_add(hist_ptr + bins, ones, mask=valid)
+    tl.atomic_add(hist_ptr + bins, ones, mask=valid, sem="relaxed")
 
 
 @triton.jit
-def _tie_count_kernel(a_ptr, b_ptr, counts_ptr, n, threshold, WORDS: tl.constexpr):
+def _tie_count_kernel(a_ptr, b_ptr, counts_ptr, n: tl.int64, threshold: tl.int32, WORDS: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * (WORDS * 32) + tl.arange(0, WORDS * 32)
     inside = offs < n
     key = _keys(a_ptr, b_ptr, offs, inside)
@@ -47,7 +51,8 @@ def _tie_count_kernel(a_ptr, b_ptr, counts_ptr, n, threshold, WORDS: tl.constexp
 
 
 @triton.jit
-def _mask_kernel(a_ptr, b_ptr, words_ptr, tie_offset_ptr, n, nwords, threshold, tie_budget, WORDS: tl.constexpr):
+def _mask_kernel(a_ptr, b_ptr, words_ptr, tie_offset_ptr, n: tl.int64, nwords: tl.int64, threshold: tl.int32,
+                 tie_budget: tl.int64, WORDS: tl.constexpr):
     pid = tl.program_id(0)
     w = pid.to(tl.int64) * WORDS + tl.arange(0, WORDS)
     bit = tl.arange(0, 32)
@@ -70,13 +75,12 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def select_histogram(base: torch.Tensor, tuned: torch.Tensor, level: int, prefix: int) -> torch.Tensor:
-    if level not in (0, 1):
-        raise ValueError(f"select_histogram: level must be 0 or 1, got {level}")
     a, b = _flat(base), _flat(tuned)
     hist = torch.zeros(1 << (15 if level == 0 else 16), dtype=torch.int64, device=a.device)
     n = a.numel()
     if n:
-        _hist_kernel[(triton.cdiv(n, HIST_BLOCK),)](a, b, hist, n, prefix, LEVEL=level, BLOCK=HIST_BLOCK)
+        _hist_kernel[(triton.cdiv(n, HIST_BLOCK),)](a, b, hist, n, prefix, LEVEL=level, BLOCK=HIST_BLOCK,
+                                                    **FP_OPTIONS)
     return hist
 
 
@@ -89,7 +93,24 @@ def select_mask(base: torch.Tensor, tuned: torch.Tensor, threshold: int, tie_bud
         return words, torch.zeros((), dtype=torch.int64, device=a.device)
     grid = (triton.cdiv(nwords, MASK_WORDS),)
     counts = torch.empty(grid[0], dtype=torch.int64, device=a.device)
-    _tie_count_kernel[grid](a, b, counts, n, threshold, WORDS=MASK_WORDS)
+    _tie_count_kernel[grid](a, b, counts, n, threshold, WORDS=MASK_WORDS, **FP_OPTIONS)
     tie_offset = torch.cumsum(counts, 0) - counts
-    _mask_kernel[grid](a, b, words, tie_offset, n, nwords, threshold, tie_budget, WORDS=MASK_WORDS)
+    _mask_kernel[grid](a, b, words, tie_offset, n, nwords, threshold, tie_budget, WORDS=MASK_WORDS, **FP_OPTIONS)
     return words, counts.sum()
+
+
+_PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}
+
+
+def aot_specs():
+    """Every specialization the launchers above can take (compiled by tools/triton_aot.py):
+    base and tuned each float32, bfloat16 or float16."""
+    for ta in _PTR.values():
+        for tb in _PTR.values():
+            for level in (0, 1):
+                yield KernelSpec(_hist_kernel, {"a_ptr": ta, "b_ptr": tb, "hist_ptr": "*i64"},
+                                 {"LEVEL": level, "BLOCK": HIST_BLOCK})
+            yield KernelSpec(_tie_count_kernel, {"a_ptr": ta, "b_ptr": tb, "counts_ptr": "*i64"},
+                             {"WORDS": MASK_WORDS})
+            yield KernelSpec(_mask_kernel, {"a_ptr": ta, "b_ptr": tb, "words_ptr": "*i32", "tie_offset_ptr": "*i64"},
+                             {"WORDS": MASK_WORDS})
