@@ -1,57 +1,108 @@
-"""Build cpift_fast and its extension `cpift_fast._C`.
+"""Build cpift_fast; metadata is in pyproject.toml, compile flags in cpift_fast/_extension.py.
 
-- CPU: a CppExtension from csrc/*.cpp (OpenMP, -O3; -march=native unless CPIFT_PORTABLE=1).
-- CUDA: a CUDAExtension that adds csrc/cuda/*.cu when torch was built with CUDA and nvcc is
-  found, or when FORCE_CUDA=1 (TORCH_CUDA_ARCH_LIST and MAX_JOBS are honoured by torch).
-- CPIFT_SKIP_EXT=1: pure Python; every op then runs on the Triton or the pure-PyTorch path.
+The C++ extension `cpift_fast._C` is compiled here only when torch is importable at build time:
 
-Install with `pip install --no-build-isolation -e .` so the extension compiles against the torch
-already installed.
+- `CPIFT_BUILD_EXT` unset (auto): compile when torch imports (`pip install --no-build-isolation`,
+  `make install`); under pip's default build isolation there is no torch, so the wheel is pure
+  Python plus the C++ sources (package data), and cpift_fast compiles them against the user's torch
+  at first use (cpift_fast/_extension.py: JIT, cached).
+- `CPIFT_BUILD_EXT=1`: compile or stop with the command that works; `CPIFT_BUILD_EXT=0` or
+  `CPIFT_SKIP_EXT=1`: never compile here.
+- CPU: csrc/*.cpp. `-march=native` unless CPIFT_PORTABLE=1 or the build makes a wheel (bdist_wheel:
+  `pip wheel`, `python -m build`, and `pip install` of a directory or sdist, which goes through a
+  wheel): a wheel may run on another CPU. Editable installs and `build_ext --inplace` stay native.
+- CUDA: csrc/cuda/*.cu too when torch has CUDA and nvcc is found, or FORCE_CUDA=1; GPU archs from
+  TORCH_CUDA_ARCH_LIST, default the local GPUs, else 8.0;9.0. MAX_JOBS is honoured by torch.
 """
 
-import glob
+import importlib.util
+import json
 import os
-import shutil
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
-PACKAGES = ["cpift_fast", "cpift_fast.pipeline", "cpift_fast.kernels"]
-PACKAGE_DIR = {"cpift_fast.kernels": "kernels"}
+HERE = Path(__file__).resolve().parent
+PACKAGES = ["cpift_fast", "cpift_fast.pipeline", "cpift_fast.kernels", "cpift_fast.csrc"]
+PACKAGE_DIR = {"cpift_fast.kernels": "kernels", "cpift_fast.csrc": "csrc"}
+# The C++ sources travel with the package: the JIT build at first import compiles them.
+PACKAGE_DATA = {"cpift_fast.csrc": ["*.cpp", "*.h", "*.cuh", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]}
 
 
-def _want_cuda(torch_module) -> bool:
-    if os.environ.get("FORCE_CUDA") == "1":
-        return True
-    from torch.utils.cpp_extension import CUDA_HOME
+def _extension_module():
+    """cpift_fast/_extension.py loaded by path: importing cpift_fast would import torch."""
+    spec = importlib.util.spec_from_file_location("_cpift_extension_build", HERE / "cpift_fast" / "_extension.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    has_nvcc = shutil.which("nvcc") is not None or (
-        CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
-    )
-    return bool(torch_module.version.cuda) and has_nvcc
+
+def _want_prebuild() -> bool:
+    mode = os.environ.get("CPIFT_BUILD_EXT", "").strip()
+    if os.environ.get("CPIFT_SKIP_EXT") == "1" or mode == "0":
+        return False
+    try:
+        import torch  # noqa: F401
+    except ImportError as exc:
+        if mode == "1":
+            sys.exit(f"CPIFT_BUILD_EXT=1 needs torch in the build environment, and it does not import ({exc}).\n"
+                     "Install torch first, then build without pip's isolation:\n"
+                     "    CPIFT_BUILD_EXT=1 pip install --no-build-isolation cpift_fast\n"
+                     "(or drop CPIFT_BUILD_EXT=1: cpift_fast then compiles its extension at first import)")
+        return False
+    return True
 
 
 def _extensions():
-    if os.environ.get("CPIFT_SKIP_EXT") == "1":
+    if not _want_prebuild():
         return [], {}
-    import torch
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    cxx = ["-O3", "-fopenmp", "-std=c++20", "-fdiagnostics-color=always"]
-    if os.environ.get("CPIFT_PORTABLE") != "1":
-        cxx.append("-march=native")
-    sources = sorted(glob.glob("csrc/*.cpp"))
-    if _want_cuda(torch):
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        ext = CUDAExtension(
-            "cpift_fast._C",
-            sources,
-            extra_compile_args={"cxx": cxx + ["-DCPIFT_WITH_CUDA"], "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DCPIFT_WITH_CUDA"]},
-            extra_link_args=["-fopenmp"],
-        )
+    ext = _extension_module()
+    cuda, why = ext.want_cuda()
+    archs = ext.cuda_archs() if cuda else None
+    if cuda:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # what torch's BuildExtension reads
+    srcs = [os.path.relpath(p, HERE) for p in ext.sources(HERE / "csrc", cuda=cuda)]
+    print(f"cpift_fast: building the C++ extension from {len(srcs)} sources; CUDA: {why}"
+          + (f", archs {archs}" if cuda else ""), file=sys.stderr)
+    args = {"extra_compile_args": {"cxx": ext.cxx_flags(portable=ext.portable(), cuda=cuda)},
+            "extra_link_args": ext.LINK_FLAGS}
+    if cuda:
+        args["extra_compile_args"]["nvcc"] = ext.NVCC_FLAGS
+        extension = CUDAExtension("cpift_fast._C", srcs, **args)
     else:
-        ext = CppExtension("cpift_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
-    return [ext], {"build_ext": BuildExtension}
+        extension = CppExtension("cpift_fast._C", srcs, **args)
+
+    class BuildExt(BuildExtension):
+        """torch's BuildExtension; portable flags for a wheel, and a build record beside the library."""
+
+        def build_extensions(self):
+            is_portable = ext.portable(wheel="bdist_wheel" in self.distribution.commands)
+            for e in self.extensions:
+                e.extra_compile_args["cxx"] = ext.cxx_flags(portable=is_portable, cuda=cuda)
+            super().build_extensions()
+            self._record = ext.build_record(how="prebuilt", portable_build=is_portable, cuda=cuda, archs=archs,
+                                            path=None)
+            self._record["built_by"] = " ".join(["setup.py", *self.distribution.commands])
+            self._write_records()  # beside the library in build_lib (what a wheel holds)
+
+        def run(self):
+            super().run()
+            if self.inplace:  # editable install / build_ext --inplace: the library was copied to the source
+                self._write_records()
+
+        def _write_records(self):
+            for e in self.extensions:
+                target = Path(self.get_ext_fullpath(e.name)).with_name(ext.BUILD_RECORD)
+                tmp = target.with_name(target.name + ".tmp")
+                tmp.write_text(json.dumps(self._record, indent=1) + "\n")
+                tmp.replace(target)
+
+    return [extension], {"build_ext": BuildExt}
 
 
 ext_modules, cmdclass = _extensions()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, package_dir=PACKAGE_DIR, package_data=PACKAGE_DATA, ext_modules=ext_modules,
+      cmdclass=cmdclass)

@@ -22,7 +22,7 @@ from .select import CoreMask, SelectionInfo, core_region  # noqa: E402
 from .fuse import fuse_models, plot_fusion, slerp  # noqa: E402
 from .overlap import group_tasks, jaccard_matrix, order_stages, overlap_counts, plot_overlap  # noqa: E402
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     "BackendUnavailable", "MaskLayout", "ParamMask", "backend_info",

@@ -1,6 +1,7 @@
 """The `cpift` command.
 
-    cpift info                       what was built, which backend each op uses
+    cpift info                       what was built and how (compiles the extension on first use), backends
+    cpift --version                  the version
     cpift demo                       the built-in end-to-end demo (what `make demo` runs)
     cpift core BASE TUNED -o M       core region: exact global top-k of |tuned − base| (--plot, per layer)
     cpift overlap A.mask B.mask ...  Jaccard matrix of task cores and the groups (--tau, --plot)
@@ -21,9 +22,11 @@ class UsageError(ValueError):
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from . import backend_info
+    from . import __version__, backend_info
 
-    print(json.dumps(backend_info(), indent=2))
+    # "built" says how the extension was built (prebuilt or jit, flags, CUDA archs); loading it
+    # compiles it first where needed, so `cpift info` also builds ahead of time.
+    print(json.dumps({"cpift_fast": __version__, **backend_info()}, indent=2))
     return 0
 
 
@@ -181,7 +184,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ._version import __version__
+
     parser = argparse.ArgumentParser(prog="cpift", description="Core-parameter isolation fine-tuning, fast.")
+    parser.add_argument("--version", action="version", version=f"cpift_fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("info", help="what was built and which backend each op uses")
