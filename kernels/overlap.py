@@ -22,6 +22,10 @@ def _block(t_pad: int) -> int:
     return max(64, min(BLOCK_WORDS, 8192 // t_pad))  # keep the [T_PAD, BLOCK] tile in registers
 
 
+def _warps(t_pad: int) -> int:
+    return 8 if t_pad >= 16 else 4  # 16+ rows: spread the tile over more threads (4 warps spill on sm_90)
+
+
 @triton.jit
 def _overlap_kernel(base_ptr, offs_ptr, partial_ptr, nwords: tl.int64, T: tl.constexpr, T_PAD: tl.constexpr,
                     BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
@@ -55,7 +59,7 @@ def overlap_counts(masks: list[torch.Tensor]) -> torch.Tensor:
     grid = triton.cdiv(nwords, block)
     partial = torch.empty(grid, t_pad, t_pad, dtype=torch.int32, device=dev)
     _overlap_kernel[(grid,)](words[0], offs, partial, nwords, T=T, T_PAD=t_pad, BLOCK=block,
-                             USE_LIBDEVICE=use_libdevice(words[0]), **FP_OPTIONS)
+                             USE_LIBDEVICE=use_libdevice(words[0]), num_warps=_warps(t_pad), **FP_OPTIONS)
     counts = partial.sum(dim=0, dtype=torch.int64)[:T, :T]
     # keep every input alive until the kernel has read it (offsets are raw pointer differences)
     del words
@@ -68,4 +72,5 @@ def aot_specs():
         t_pad = triton.next_power_of_2(T)
         for lib in (False, True):
             yield KernelSpec(_overlap_kernel, {"base_ptr": "*i32", "offs_ptr": "*i64", "partial_ptr": "*i32"},
-                             {"T": T, "T_PAD": t_pad, "BLOCK": _block(t_pad), "USE_LIBDEVICE": lib})
+                             {"T": T, "T_PAD": t_pad, "BLOCK": _block(t_pad), "USE_LIBDEVICE": lib},
+                             num_warps=_warps(t_pad))
