@@ -248,9 +248,20 @@ def _load_jit() -> tuple[bool, str | None]:
     except FileNotFoundError as exc:
         return False, str(exc)
     _ensure_ninja_on_path()
+    library = build_dir / f"{JIT_NAME}.so"
     record = build_record(how="jit", portable_build=plan["portable"], cuda=plan["cuda"], archs=plan["archs"],
-                          path=str(build_dir / f"{JIT_NAME}.so"), cache=str(cache_dir()))
-    with open(build_dir / "cpift.lock", "w") as lock:
+                          path=str(library), cache=str(cache_dir()))
+    try:
+        lock = open(build_dir / "cpift.lock", "a")
+    except OSError as exc:  # a read-only cache (built once by someone else): load what is there
+        if not library.exists():
+            return False, f"cannot write the JIT cache {build_dir} ({exc}); set CPIFT_CACHE_DIR to a writable directory"
+        import torch
+
+        torch.ops.load_library(str(library))  # the key hashes flags and sources: this is the right build
+        _INFO.update(record)
+        return True, None
+    with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -259,11 +270,11 @@ def _load_jit() -> tuple[bool, str | None]:
         # Holding the flock, no other cpift process is inside torch's build: a baton file torch
         # left behind is from a killed process and would make its FileBaton wait forever.
         (build_dir / "lock").unlink(missing_ok=True)
-        if not (build_dir / f"{JIT_NAME}.so").exists():
+        if not library.exists():
             archs = f", CUDA archs {plan['archs']}" if plan["cuda"] else ", CPU only"
-            _say(f"compiling the C++ extension for torch {record['built_against_torch']} ({len(plan['sources'])} sources, "
-                 f"{' '.join(record['cxx_flags'])}{archs}) into {build_dir}; once per torch/flags/sources, "
-                 "a few minutes")
+            _say(f"compiling the C++ extension for torch {record['built_against_torch']} "
+                 f"({len(plan['sources'])} sources, {' '.join(record['cxx_flags'])}{archs}) into {build_dir}; "
+                 "once per torch/flags/sources, a few minutes")
         saved_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
         if plan["cuda"]:
             os.environ["TORCH_CUDA_ARCH_LIST"] = plan["archs"]
