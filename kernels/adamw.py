@@ -7,25 +7,57 @@ pointers and updates BLOCK elements. Raw pointer tables work under TRITON_INTERP
 
 Frozen bit i of tensor t is bit (i % 32) of word i // 32 of that tensor's words. Frozen lanes are
 neither loaded nor stored, so they keep their exact bits.
+
+Bits: the AdamW math is the C++ kernel's (csrc/adamw.cpp ``adamw_math``), operation for operation:
+the two explicit ``tl.fma`` where torch's fused kernel has them, no contraction elsewhere (launched
+with ``FP_OPTIONS``), IEEE division and sqrt (``tl.div_rn``, ``tl.sqrt_rn``), widening and
+round-to-nearest-even stores through kernels/_common.py's integer helpers. So the interpreter, a
+GPU and the C++ backend give the same bits. Argument checks are the op's (cpift_fast/ops/adamw.py).
+
+Vector access: every block starts at a multiple of BLOCK inside its tensor, and the launcher
+checks that every data pointer is 16-byte aligned (ALIGNED=True, else a specialization without the
+hint), so a GPU compile loads and stores 16 bytes per instruction despite the pointer tables.
 """
 
 import functools
 import os
+import struct
 
 import torch
 import triton
 import triton.language as tl
 
-from cpift_fast.reference import check_masked_adamw_args
-
+from ._common import FP_OPTIONS, KernelSpec, round_f32_to, to_f32
 from .mask import segment_blocks
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
+GPU_BLOCK = 1024  # elements per program on a GPU (4 warps: 8 per thread)
+INTERPRETER_BLOCK = 4096  # the interpreter runs one program at a time: fewer, larger blocks
+SUM_BLOCK = 1024  # partial sums per iteration of the per-tensor reduction
 
-def _block() -> int:
-    # the interpreter runs one program at a time: fewer, larger blocks keep CPU test grids small
-    return 4096 if os.environ.get("TRITON_INTERPRET") == "1" else 1024
+
+def default_block() -> int:
+    return INTERPRETER_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else GPU_BLOCK
+
+
+def _block(block: int | None) -> int:
+    """BLOCK of a launch: `block` when given (tests force the GPU's), else CPIFT_ADAMW_BLOCK, else
+    the default for where the kernel runs."""
+    if block is None:
+        block = int(os.environ.get("CPIFT_ADAMW_BLOCK", "0")) or default_block()
+    if block < 32 or block & (block - 1):
+        raise ValueError(f"AdamW BLOCK must be a power of two >= 32, got {block}")
+    return block
+
+
+@triton.jit
+def _typed(ptrs, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Row t of a table of raw data pointers as a DTYPE pointer (16-byte alignment asserted when ALIGNED)."""
+    addr = tl.load(ptrs + t)
+    if ALIGNED:
+        addr = tl.multiple_of(addr, 16)
+    return addr.to(tl.pointer_type(DTYPE))
 
 
 @triton.jit
@@ -33,7 +65,8 @@ def _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK:
     """(tensor index, element offsets, lanes inside the tensor whose frozen bit is clear) of this program."""
     pid = tl.program_id(0)
     t = tl.load(blk_tensor_ptr + pid)
-    offs = tl.load(blk_start_ptr + pid) + tl.arange(0, BLOCK)
+    start = tl.multiple_of(tl.load(blk_start_ptr + pid), BLOCK)  # int64; blocks start at multiples of BLOCK
+    offs = start + tl.arange(0, BLOCK)
     lanes = offs < tl.load(numel_ptr + t)
     if HAS_MASK:
         words = tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32))
@@ -44,55 +77,79 @@ def _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK:
 
 @triton.jit
 def _masked_adamw_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs,
-                         w_ptrs, step_size_ptr, bc2_sqrt_ptr, grad_scale_ptr, decay, one_minus_beta1, beta2,
-                         one_minus_beta2, eps, grad_sign, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                         w_ptrs, step_size_ptr, bc2_sqrt_ptr, decay_ptr, grad_scale_ptr, found_inf_ptr,
+                         lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
                          AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
-                         BLOCK: tl.constexpr):
+                         HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_FROM_M: tl.constexpr,
+                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, write = _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK, BLOCK)
-    p_ptr = tl.load(p_ptrs + t).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(m_ptrs + t).to(tl.pointer_type(S_DTYPE))
-    v_ptr = tl.load(v_ptrs + t).to(tl.pointer_type(S_DTYPE))
+    if HAS_INF:  # GradScaler found inf/NaN grads: the step is skipped (nothing loaded or stored)
+        write = write & (tl.load(found_inf_ptr) == 0.0)
+    p_ptr = _typed(p_ptrs, t, P_DTYPE, ALIGNED)
+    g_ptr = _typed(g_ptrs, t, P_DTYPE, ALIGNED)
+    m_ptr = _typed(m_ptrs, t, S_DTYPE, ALIGNED)
+    v_ptr = _typed(v_ptrs, t, S_DTYPE, ALIGNED)
     step_size = tl.load(step_size_ptr + t)
     bc2_sqrt = tl.load(bc2_sqrt_ptr + t)
 
-    g = tl.load(g_ptr + offs, mask=write, other=0.0).to(tl.float32) * grad_sign
+    g = to_f32(tl.load(g_ptr + offs, mask=write, other=0.0))
     if HAS_SCALE:
-        g = g * (1.0 / tl.load(grad_scale_ptr))
-    p = tl.load(p_ptr + offs, mask=write, other=0.0).to(tl.float32) * decay
-    m = tl.load(m_ptr + offs, mask=write, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=write, other=0.0).to(tl.float32)
-    m = m + one_minus_beta1 * (g - m)
-    v = v * beta2 + one_minus_beta2 * g * g
+        g = tl.div_rn(g, tl.load(grad_scale_ptr))
+    if MAXIMIZE:
+        g = -g
+    p = to_f32(tl.load(p_ptr + offs, mask=write, other=0.0)) * tl.load(decay_ptr)
+    m = to_f32(tl.load(m_ptr + offs, mask=write, other=0.0))
+    v = to_f32(tl.load(v_ptr + offs, mask=write, other=0.0))
+    # exp_avg.lerp_(g, 1 - beta1) as torch computes it: one fused multiply-add
+    if LERP_FROM_M:
+        m = tl.fma(lerp_coeff, g - m, m)
+    else:
+        m = tl.fma(lerp_coeff, g - m, g)
+    v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # as torch's compiled kernel contracts it
     vm = v
     if AMSGRAD:
-        vmax_ptr = tl.load(vmax_ptrs + t).to(tl.pointer_type(S_DTYPE))
-        vm = tl.maximum(tl.load(vmax_ptr + offs, mask=write, other=0.0).to(tl.float32), v)
-        tl.store(vmax_ptr + offs, vm.to(S_DTYPE), mask=write)
-    # IEEE sqrt and division (Triton's defaults are approximate on GPU), as torch's fused kernels
+        vmax_ptr = _typed(vmax_ptrs, t, S_DTYPE, ALIGNED)
+        vm = tl.maximum(to_f32(tl.load(vmax_ptr + offs, mask=write, other=0.0)), v)
+        tl.store(vmax_ptr + offs, round_f32_to(vm, S_DTYPE), mask=write)
     denom = tl.div_rn(tl.sqrt_rn(vm), bc2_sqrt) + eps
     p = p - tl.div_rn(step_size * m, denom)
-    tl.store(p_ptr + offs, p.to(P_DTYPE), mask=write)
-    tl.store(m_ptr + offs, m.to(S_DTYPE), mask=write)
-    tl.store(v_ptr + offs, v.to(S_DTYPE), mask=write)
+    tl.store(p_ptr + offs, round_f32_to(p, P_DTYPE), mask=write)
+    tl.store(m_ptr + offs, round_f32_to(m, S_DTYPE), mask=write)
+    tl.store(v_ptr + offs, round_f32_to(v, S_DTYPE), mask=write)
 
 
 @triton.jit
 def _masked_sq_sum_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, g_ptrs, w_ptrs, out_ptr,
-                          G_DTYPE: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
+                          G_DTYPE: tl.constexpr, HAS_MASK: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     t, offs, keep = _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK, BLOCK)
-    g_ptr = tl.load(g_ptrs + t).to(tl.pointer_type(G_DTYPE))
-    g = tl.load(g_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+    g_ptr = _typed(g_ptrs, t, G_DTYPE, ALIGNED)
+    g = to_f32(tl.load(g_ptr + offs, mask=keep, other=0.0))
     tl.store(out_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
+
+
+@triton.jit
+def _segment_sum_kernel(partial_ptr, first_ptr, out_ptr, BLOCK: tl.constexpr):
+    """out[s] = sum of partial[first[s]:first[s+1]], in a fixed order (deterministic: no atomics)."""
+    s = tl.program_id(0)
+    lo = tl.load(first_ptr + s)
+    hi = tl.load(first_ptr + s + 1)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(lo, hi, BLOCK):
+        idx = i + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + idx, mask=idx < hi, other=0.0)
+    tl.store(out_ptr + s, tl.sum(acc, axis=0))
 
 
 @functools.lru_cache(maxsize=64)
 def _block_table(numels: tuple[int, ...], block: int, device: torch.device):
-    """(tensor index int32, first element int64, per-block tensor index on the CPU) of every block
-    of BLOCK elements of tensors with these sizes; cached: sizes rarely change between steps."""
+    """(tensor index int32, first element int64, first block of each tensor int64 [T+1]) for blocks of
+    BLOCK elements of tensors with these sizes, on `device`; cached: sizes rarely change between steps."""
     offsets = torch.tensor((0,) + numels, dtype=torch.int64).cumsum(0)
     start, _, segment = segment_blocks(offsets, block)
-    return segment.to(device=device, dtype=torch.int32), (start - offsets[segment]).to(device), segment
+    counts = torch.bincount(segment, minlength=len(numels))
+    first = torch.zeros(len(numels) + 1, dtype=torch.int64)
+    torch.cumsum(counts, 0, out=first[1:])
+    return segment.to(device=device, dtype=torch.int32), (start - offsets[segment]).to(device), first.to(device)
 
 
 def _buckets(tensors: list[torch.Tensor], key) -> list[tuple[torch.device, list[int]]]:
@@ -110,54 +167,115 @@ def _table(rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     return list(table.unbind(0))
 
 
+def _aligned(*lists: list[torch.Tensor]) -> bool:
+    """Every data pointer 16-byte aligned (what the vector-access specialization asserts)."""
+    return all(t.data_ptr() % 16 == 0 for ts in lists for t in ts)
+
+
+def lerp_constants(beta1: float) -> tuple[float, bool]:
+    """(coefficient, from_m) of torch's exp_avg.lerp_(g, w), w = fp32(1 - beta1):
+    m = fma(w, g - m, m) when |w| < 0.5, else m = fma(w - 1, g - m, g) (w - 1 is exact in fp32)."""
+    w = struct.unpack("f", struct.pack("f", 1.0 - beta1))[0]  # rounded to fp32 (nearest even)
+    return (w, True) if abs(w) < 0.5 else (w - 1.0, False)
+
+
+def step_scalars(steps: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: float, weight_decay: float,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(step_size float32[T], bc2_sqrt float32[T], decay float32[1]) on `device`, computed in float64
+    and rounded once, as torch's fused AdamW: lr / (1 - beta1^t), sqrt(1 - beta2^t), 1 - lr * wd.
+    Tensor math only (no host sync): a changing lr or step count recompiles nothing."""
+    t = steps.to(device=device, dtype=torch.float64)
+    lr64 = lr.to(device=device, dtype=torch.float64).reshape(1)
+    step_size = (lr64 / (1.0 - torch.pow(beta1, t))).float()
+    bc2_sqrt = torch.sqrt(1.0 - torch.pow(beta2, t)).float()
+    decay = (1.0 - lr64 * weight_decay).float()
+    return step_size, bc2_sqrt, decay
+
+
 def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                   exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], frozen: list[torch.Tensor],
-                  steps: list[float], lr: float, beta1: float, beta2: float, weight_decay: float, eps: float,
-                  amsgrad: bool, maximize: bool, grad_scale: torch.Tensor | None) -> None:
-    check_masked_adamw_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, amsgrad)
+                  steps, lr, beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool,
+                  maximize: bool, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None = None, *,
+                  block: int | None = None) -> None:
+    """Launcher of the op cpift::masked_adamw_ (arguments already checked by the op). `steps`:
+    float32[T] tensor (or floats), `lr`: one-element tensor (or float). `block`: force BLOCK."""
+    if not params:
+        return
+    steps = steps if isinstance(steps, torch.Tensor) else torch.tensor(list(steps), dtype=torch.float32)
+    lr = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
     grads = [g.contiguous() for g in grads]
     words = [w.contiguous() for w in frozen]
-    block = _block()
+    block = _block(block)
+    lerp_coeff, lerp_from_m = lerp_constants(beta1)
     for dev, index in _buckets(params, lambda i: (params[i].dtype, exp_avgs[i].dtype)):
         blk_tensor, blk_start, _ = _block_table(tuple(params[i].numel() for i in index), block, dev)
 
-        def ptrs(ts):
-            return [ts[i].data_ptr() for i in index] if ts else [0] * len(index)
+        def pick(ts):
+            return [ts[i] for i in index] if ts else []
 
+        def ptrs(ts):
+            return [t.data_ptr() for t in ts] if ts else [0] * len(index)
+
+        data = [pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs if amsgrad else [])]
         numel, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, w_ptrs = _table(
-            [[params[i].numel() for i in index], ptrs(params), ptrs(grads), ptrs(exp_avgs), ptrs(exp_avg_sqs),
-             ptrs(max_exp_avg_sqs if amsgrad else []), ptrs(words)], dev)
-        step_size, bc2_sqrt = torch.tensor(
-            [[lr / (1.0 - beta1 ** steps[i]) for i in index], [(1.0 - beta2 ** steps[i]) ** 0.5 for i in index]],
-            dtype=torch.float32).to(dev, non_blocking=True).unbind(0)
-        scale = grad_scale.to(device=dev, dtype=torch.float32) if grad_scale is not None else step_size
+            [[t.numel() for t in data[0]], *(ptrs(ts) for ts in data), ptrs(pick(words))], dev)
+        sel = torch.tensor(index, dtype=torch.int64, device=steps.device)
+        step_size, bc2_sqrt, decay = step_scalars(steps[sel], lr, beta1, beta2, weight_decay, dev)
+        scale = grad_scale.to(device=dev, dtype=torch.float32) if grad_scale is not None else decay
+        inf = found_inf.to(device=dev, dtype=torch.float32) if found_inf is not None else decay
         _masked_adamw_kernel[(blk_start.numel(),)](
             blk_tensor, blk_start, numel, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, w_ptrs, step_size, bc2_sqrt,
-            scale, 1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps, -1.0 if maximize else 1.0,
+            decay, scale, inf, lerp_coeff, beta2, 1.0 - beta2, eps,
             P_DTYPE=_TL_DTYPE[params[index[0]].dtype], S_DTYPE=_TL_DTYPE[exp_avgs[index[0]].dtype], AMSGRAD=amsgrad,
-            HAS_MASK=bool(words), HAS_SCALE=grad_scale is not None, BLOCK=block)
+            HAS_MASK=bool(words), HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
+            MAXIMIZE=bool(maximize), LERP_FROM_M=lerp_from_m, ALIGNED=_aligned(*data), BLOCK=block, **FP_OPTIONS)
 
 
-def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor]) -> torch.Tensor:
-    if frozen and len(frozen) != len(grads):
-        raise ValueError(f"masked_grad_sq_norm: frozen must be empty or hold one word tensor per grad, got "
-                         f"{len(frozen)} for {len(grads)} grads")
-    for i, g in enumerate(grads):
-        if g.dtype not in _TL_DTYPE:
-            raise TypeError(f"masked_grad_sq_norm: grads[{i}] must be float32, bfloat16 or float16, got {g.dtype}")
+def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor], *,
+                        block: int | None = None) -> torch.Tensor:
+    """Launcher of cpift::masked_grad_sq_norm: per-block partial sums, then one program per tensor
+    adds its blocks' partials in order (deterministic on every device: no atomics)."""
     device = grads[0].device if grads else torch.device("cpu")
     out = torch.zeros(len(grads), dtype=torch.float32, device=device)
     grads = [g.contiguous() for g in grads]
     words = [w.contiguous() for w in frozen]
-    block = _block()
+    block = _block(block)
     for dev, index in _buckets(grads, lambda i: grads[i].dtype):
-        blk_tensor, blk_start, segment = _block_table(tuple(grads[i].numel() for i in index), block, dev)
-        numel, g_ptrs, w_ptrs = _table([[grads[i].numel() for i in index], [grads[i].data_ptr() for i in index],
+        blk_tensor, blk_start, first = _block_table(tuple(grads[i].numel() for i in index), block, dev)
+        mine = [grads[i] for i in index]
+        numel, g_ptrs, w_ptrs = _table([[g.numel() for g in mine], [g.data_ptr() for g in mine],
                                         [words[i].data_ptr() for i in index] if words else [0] * len(index)], dev)
         partial = torch.empty(blk_start.numel(), dtype=torch.float32, device=dev)
         _masked_sq_sum_kernel[(blk_start.numel(),)](
-            blk_tensor, blk_start, numel, g_ptrs, w_ptrs, partial,
-            G_DTYPE=_TL_DTYPE[grads[index[0]].dtype], HAS_MASK=bool(words), BLOCK=block)
-        target = torch.tensor(index, dtype=torch.int64)[segment]
-        out.index_add_(0, target.to(out.device), partial.to(out.device))
+            blk_tensor, blk_start, numel, g_ptrs, w_ptrs, partial, G_DTYPE=_TL_DTYPE[mine[0].dtype],
+            HAS_MASK=bool(words), ALIGNED=_aligned(mine), BLOCK=block, **FP_OPTIONS)
+        sums = torch.empty(len(index), dtype=torch.float32, device=dev)
+        _segment_sum_kernel[(len(index),)](partial, first, sums, BLOCK=SUM_BLOCK, **FP_OPTIONS)
+        out[torch.tensor(index, dtype=torch.int64, device=device)] = sums.to(device)
     return out
+
+
+def aot_specs():
+    """Every specialization the launchers above can take on a GPU (compiled by tools/triton_aot.py)."""
+    ptr_tables = {name: "*i64" for name in ("blk_start_ptr", "numel_ptr", "p_ptrs", "g_ptrs", "m_ptrs", "v_ptrs",
+                                            "vmax_ptrs", "w_ptrs")}
+    scalars = {"step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "decay_ptr": "*fp32", "grad_scale_ptr": "*fp32",
+               "found_inf_ptr": "*fp32", "lerp_coeff": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32",
+               "eps": "fp32"}
+    for p_dtype in (tl.float32, tl.bfloat16, tl.float16):
+        for s_dtype in {p_dtype, tl.float32}:
+            for amsgrad in (False, True):
+                for has_mask in (False, True):
+                    for aligned in (True, False):
+                        yield KernelSpec(_masked_adamw_kernel, {"blk_tensor_ptr": "*i32", **ptr_tables, **scalars},
+                                         {"P_DTYPE": p_dtype, "S_DTYPE": s_dtype, "AMSGRAD": amsgrad,
+                                          "HAS_MASK": has_mask, "HAS_SCALE": True, "HAS_INF": True,
+                                          "MAXIMIZE": False, "LERP_FROM_M": True, "ALIGNED": aligned,
+                                          "BLOCK": GPU_BLOCK})
+        for has_mask in (False, True):
+            yield KernelSpec(_masked_sq_sum_kernel, {"blk_tensor_ptr": "*i32", "blk_start_ptr": "*i64",
+                                                     "numel_ptr": "*i64", "g_ptrs": "*i64", "w_ptrs": "*i64",
+                                                     "out_ptr": "*fp32"},
+                             {"G_DTYPE": p_dtype, "HAS_MASK": has_mask, "ALIGNED": True, "BLOCK": GPU_BLOCK})
+    yield KernelSpec(_segment_sum_kernel, {"partial_ptr": "*fp32", "first_ptr": "*i64", "out_ptr": "*fp32"},
+                     {"BLOCK": SUM_BLOCK})
