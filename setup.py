@@ -21,10 +21,12 @@ import os
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
-PACKAGES = ["cpift_fast", "cpift_fast.pipeline", "cpift_fast.kernels", "cpift_fast.csrc"]
+# cpift_fast and every subpackage found under it; kernels/ and csrc/ live beside it in the checkout.
+PACKAGES = find_packages(where=str(HERE), include=["cpift_fast", "cpift_fast.*"]) + ["cpift_fast.kernels",
+                                                                                       "cpift_fast.csrc"]
 PACKAGE_DIR = {"cpift_fast.kernels": "kernels", "cpift_fast.csrc": "csrc"}
 # The C++ sources travel with the package: the JIT build at first import compiles them.
 PACKAGE_DATA = {"cpift_fast.csrc": ["*.cpp", "*.h", "*.cuh", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]}

@@ -134,11 +134,11 @@ def test_sdist_holds_every_source(sdist):
     needed_names = {p.relative_to(ROOT).as_posix() for p in needed}
     assert not needed_names - names, f"the sdist lacks sources setup.py compiles: {sorted(needed_names - names)}"
 
-    package_dir = _setup_constant("PACKAGE_DIR")
-    for package in _setup_constant("PACKAGES"):
-        directory = ROOT / package_dir.get(package, package.replace(".", "/"))
-        modules = {p.relative_to(ROOT).as_posix() for p in directory.glob("*.py")}
-        assert not modules - names, f"the sdist lacks modules of {package}: {sorted(modules - names)}"
+    # every module of the package tree (cpift_fast/ and what PACKAGE_DIR maps into it), subpackages too
+    roots = {"cpift_fast", *_setup_constant("PACKAGE_DIR").values()}
+    modules = {p.relative_to(ROOT).as_posix() for root in roots for p in (ROOT / root).rglob("*.py")}
+    assert "cpift_fast/_extension.py" in modules
+    assert not modules - names, f"the sdist lacks Python modules: {sorted(modules - names)}"
     assert {"LICENSE", "README.md", "pyproject.toml", "setup.py", "cpift_fast/_version.py"} <= names
     built = sorted(n for n in names if n.endswith((".so", ".o", ".pyc")) or n.endswith("_C.build.json"))
     assert not built, f"the sdist holds build outputs: {built}"
