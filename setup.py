@@ -67,8 +67,6 @@ def _extensions():
     if cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # what torch's BuildExtension reads
     srcs = [os.path.relpath(p, HERE) for p in ext.sources(HERE / "csrc", cuda=cuda)]
-    print(f"cpift_fast: building the C++ extension from {len(srcs)} sources; CUDA: {why}"
-          + (f", archs {archs}" if cuda else ""), file=sys.stderr)
     args = {"extra_compile_args": {"cxx": ext.cxx_flags(portable=ext.portable(), cuda=cuda)},
             "extra_link_args": ext.LINK_FLAGS}
     if cuda:
@@ -84,6 +82,9 @@ def _extensions():
             is_portable = ext.portable(wheel="bdist_wheel" in self.distribution.commands)
             for e in self.extensions:
                 e.extra_compile_args["cxx"] = ext.cxx_flags(portable=is_portable, cuda=cuda)
+            print(f"cpift_fast: building the C++ extension from {len(srcs)} sources, "
+                  f"{'portable' if is_portable else '-march=native'}; CUDA: {why}"
+                  + (f", archs {archs}" if cuda else ""), file=sys.stderr)
             super().build_extensions()
             self._record = ext.build_record(how="prebuilt", portable_build=is_portable, cuda=cuda, archs=archs,
                                             path=None)
