@@ -5,8 +5,10 @@ launcher passes tables of raw data pointers (one row per tensor) and a block tab
 element) built with `segment_blocks`; each program loads its tensor's pointers, casts them to typed
 pointers and updates BLOCK elements. Raw pointer tables work under TRITON_INTERPRET=1 as on GPU.
 
-Frozen bit i of tensor t is bit (i % 32) of word i // 32 of that tensor's words. Frozen lanes are
-neither loaded nor stored, so they keep their exact bits.
+Frozen bit i of tensor t is bit (i % 32) of word i // 32 of that tensor's words. Frozen elements
+keep their exact bits: a full block (BLOCK elements inside the tensor) loads every lane with 16-byte
+vector loads and stores every lane back, frozen lanes with the raw bits it read; the tensor's last,
+partial block touches only its trainable lanes.
 
 Bits: the AdamW math is the C++ kernel's (csrc/adamw.cpp ``adamw_math``), operation for operation:
 the two explicit ``tl.fma`` where torch's fused kernel has them, no contraction elsewhere (launched
@@ -15,8 +17,10 @@ round-to-nearest-even stores through kernels/_common.py's integer helpers. So th
 GPU and the C++ backend give the same bits. Argument checks are the op's (cpift_fast/ops/adamw.py).
 
 Vector access: every block starts at a multiple of BLOCK inside its tensor, and the launcher
-checks that every data pointer is 16-byte aligned (ALIGNED=True, else a specialization without the
-hint), so a GPU compile loads and stores 16 bytes per instruction despite the pointer tables.
+checks that every data pointer is 16-byte aligned (P_ALIGN / S_ALIGN = elements per 16 bytes, else 1:
+a specialization without the hint), so a GPU compile loads and stores 16 bytes per instruction. Tensors are addressed as a typed base
+pointer (the bucket's first tensor, 16-byte aligned) plus a per-tensor element offset from a table:
+raw pointers cast from integers would hide that alignment from the compiler.
 """
 
 import functools
@@ -52,78 +56,139 @@ def _block(block: int | None) -> int:
 
 
 @triton.jit
-def _typed(ptrs, t, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Row t of a table of raw data pointers as a DTYPE pointer (16-byte alignment asserted when ALIGNED)."""
-    addr = tl.load(ptrs + t)
-    if ALIGNED:
-        addr = tl.multiple_of(addr, 16)
-    return addr.to(tl.pointer_type(DTYPE))
+def _at(base, offs_table, t, ALIGN: tl.constexpr):
+    """Tensor t's data: `base` (a typed pointer, 16-byte aligned) plus its element offset from the
+    table. ALIGN > 1 asserts the offset is a multiple of ALIGN elements (the launcher checked every
+    pointer is 16-byte aligned), so full blocks load and store 16 bytes per instruction."""
+    off = tl.load(offs_table + t)
+    if ALIGN > 1:
+        off = tl.multiple_of(off, ALIGN)
+    return base + off
 
 
 @triton.jit
 def _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr):
-    """(tensor index, element offsets, lanes inside the tensor whose frozen bit is clear) of this program."""
+    """(tensor index, element offsets, lanes inside the tensor whose frozen bit is clear, whether the
+    block lies wholly inside the tensor) of this program."""
     pid = tl.program_id(0)
     t = tl.load(blk_tensor_ptr + pid)
     start = tl.multiple_of(tl.load(blk_start_ptr + pid), BLOCK)  # int64; blocks start at multiples of BLOCK
     offs = start + tl.arange(0, BLOCK)
-    lanes = offs < tl.load(numel_ptr + t)
+    numel = tl.load(numel_ptr + t)
+    lanes = offs < numel
     if HAS_MASK:
         words = tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32))
         word = tl.load(words + (offs >> 5), mask=lanes, other=0).to(tl.uint32, bitcast=True)
         lanes = lanes & (((word >> (offs & 31).to(tl.uint32)) & 1) == 0)
-    return t, offs, lanes
+    return t, offs, lanes, start + BLOCK <= numel
 
 
 @triton.jit
-def _masked_adamw_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs,
-                         w_ptrs, step_size_ptr, bc2_sqrt_ptr, decay_ptr, grad_scale_ptr, found_inf_ptr,
-                         lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-                         AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
-                         HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_FROM_M: tl.constexpr,
-                         ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, offs, write = _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK, BLOCK)
-    if HAS_INF:  # GradScaler found inf/NaN grads: the step is skipped (nothing loaded or stored)
-        write = write & (tl.load(found_inf_ptr) == 0.0)
-    p_ptr = _typed(p_ptrs, t, P_DTYPE, ALIGNED)
-    g_ptr = _typed(g_ptrs, t, P_DTYPE, ALIGNED)
-    m_ptr = _typed(m_ptrs, t, S_DTYPE, ALIGNED)
-    v_ptr = _typed(v_ptrs, t, S_DTYPE, ALIGNED)
-    step_size = tl.load(step_size_ptr + t)
-    bc2_sqrt = tl.load(bc2_sqrt_ptr + t)
+def _load(ptr, offs, inside, FULL: tl.constexpr):
+    """Raw values at ptr + offs: unmasked in a full block (vector loads), else lanes `inside` only."""
+    if FULL:
+        return tl.load(ptr + offs)
+    else:
+        return tl.load(ptr + offs, mask=inside, other=0.0)
 
-    g = to_f32(tl.load(g_ptr + offs, mask=write, other=0.0))
+
+@triton.jit
+def _store(ptr, offs, new, old, write, inside, DTYPE: tl.constexpr, FULL: tl.constexpr):
+    """Store `new` (fp32, rounded to DTYPE) where `write`. A full block stores every lane, frozen ones
+    with the raw bits they were read with (`old`: unchanged bits, one vector store); a tail block
+    stores the `write` lanes only."""
+    if FULL:
+        tl.store(ptr + offs, tl.where(write, round_f32_to(new, DTYPE), old))
+    else:
+        tl.store(ptr + offs, round_f32_to(new, DTYPE), mask=write & inside)
+
+
+@triton.jit
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, write, inside, step_size, bc2_sqrt, decay, grad_scale,
+                 lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                 AMSGRAD: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                 LERP_FROM_M: tl.constexpr, FULL: tl.constexpr):
+    """The AdamW math of one block (the C++ adamw_math, operation for operation)."""
+    g = to_f32(_load(g_ptr, offs, inside, FULL))
     if HAS_SCALE:
-        g = tl.div_rn(g, tl.load(grad_scale_ptr))
+        g = tl.div_rn(g, grad_scale)
     if MAXIMIZE:
         g = -g
-    p = to_f32(tl.load(p_ptr + offs, mask=write, other=0.0)) * tl.load(decay_ptr)
-    m = to_f32(tl.load(m_ptr + offs, mask=write, other=0.0))
-    v = to_f32(tl.load(v_ptr + offs, mask=write, other=0.0))
+    p_raw = _load(p_ptr, offs, inside, FULL)
+    m_raw = _load(m_ptr, offs, inside, FULL)
+    v_raw = _load(v_ptr, offs, inside, FULL)
+    p = to_f32(p_raw) * decay
+    m = to_f32(m_raw)
     # exp_avg.lerp_(g, 1 - beta1) as torch computes it: one fused multiply-add
     if LERP_FROM_M:
         m = tl.fma(lerp_coeff, g - m, m)
     else:
         m = tl.fma(lerp_coeff, g - m, g)
-    v = tl.fma(one_minus_beta2 * g, g, v * beta2)  # as torch's compiled kernel contracts it
+    v = tl.fma(one_minus_beta2 * g, g, to_f32(v_raw) * beta2)  # as torch's compiled kernel contracts it
     vm = v
     if AMSGRAD:
-        vmax_ptr = _typed(vmax_ptrs, t, S_DTYPE, ALIGNED)
-        vm = tl.maximum(to_f32(tl.load(vmax_ptr + offs, mask=write, other=0.0)), v)
-        tl.store(vmax_ptr + offs, round_f32_to(vm, S_DTYPE), mask=write)
+        vmax_raw = _load(vmax_ptr, offs, inside, FULL)
+        vm = tl.maximum(to_f32(vmax_raw), v)
+        _store(vmax_ptr, offs, vm, vmax_raw, write, inside, S_DTYPE, FULL)
     denom = tl.div_rn(tl.sqrt_rn(vm), bc2_sqrt) + eps
     p = p - tl.div_rn(step_size * m, denom)
-    tl.store(p_ptr + offs, round_f32_to(p, P_DTYPE), mask=write)
-    tl.store(m_ptr + offs, round_f32_to(m, S_DTYPE), mask=write)
-    tl.store(v_ptr + offs, round_f32_to(v, S_DTYPE), mask=write)
+    _store(p_ptr, offs, p, p_raw, write, inside, P_DTYPE, FULL)
+    _store(m_ptr, offs, m, m_raw, write, inside, S_DTYPE, FULL)
+    _store(v_ptr, offs, v, v_raw, write, inside, S_DTYPE, FULL)
 
 
 @triton.jit
-def _masked_sq_sum_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, g_ptrs, w_ptrs, out_ptr,
-                          G_DTYPE: tl.constexpr, HAS_MASK: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
-    t, offs, keep = _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK, BLOCK)
-    g_ptr = _typed(g_ptrs, t, G_DTYPE, ALIGNED)
-    g = to_f32(tl.load(g_ptr + offs, mask=keep, other=0.0))
+def _masked_adamw_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_base, g_base, m_base, v_base, vmax_base,
+                         p_offs, g_offs, m_offs, v_offs, vmax_offs, w_ptrs, step_size_ptr, bc2_sqrt_ptr, decay_ptr, grad_scale_ptr, found_inf_ptr,
+                         lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                         AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                         HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_FROM_M: tl.constexpr,
+                         P_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(blk_tensor_ptr + pid)
+    start = tl.multiple_of(tl.load(blk_start_ptr + pid), BLOCK)  # int64; blocks start at multiples of BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    numel = tl.load(numel_ptr + t)
+    inside = offs < numel
+    write = inside
+    if HAS_MASK:
+        words = tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32))
+        word = tl.load(words + (offs >> 5), mask=inside, other=0).to(tl.uint32, bitcast=True)
+        write = write & (((word >> (offs & 31).to(tl.uint32)) & 1) == 0)
+    if HAS_INF:  # GradScaler found inf/NaN grads: the step is skipped (nothing changes)
+        write = write & (tl.load(found_inf_ptr) == 0.0)
+    p_ptr = _at(p_base, p_offs, t, P_ALIGN)
+    g_ptr = _at(g_base, g_offs, t, P_ALIGN)
+    m_ptr = _at(m_base, m_offs, t, S_ALIGN)
+    v_ptr = _at(v_base, v_offs, t, S_ALIGN)
+    vmax_ptr = m_ptr
+    if AMSGRAD:
+        vmax_ptr = _at(vmax_base, vmax_offs, t, S_ALIGN)
+    step_size = tl.load(step_size_ptr + t)
+    bc2_sqrt = tl.load(bc2_sqrt_ptr + t)
+    decay = tl.load(decay_ptr)
+    grad_scale = 1.0
+    if HAS_SCALE:
+        grad_scale = tl.load(grad_scale_ptr)
+    if start + BLOCK <= numel:
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, write, inside, step_size, bc2_sqrt, decay,
+                     grad_scale, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE, S_DTYPE, AMSGRAD, HAS_SCALE,
+                     MAXIMIZE, LERP_FROM_M, True)
+    else:
+        _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, write, inside, step_size, bc2_sqrt, decay,
+                     grad_scale, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE, S_DTYPE, AMSGRAD, HAS_SCALE,
+                     MAXIMIZE, LERP_FROM_M, False)
+
+
+@triton.jit
+def _masked_sq_sum_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, g_base, g_offs, w_ptrs, out_ptr,
+                          HAS_MASK: tl.constexpr, G_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    t, offs, keep, full = _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK, BLOCK)
+    g_ptr = _at(g_base, g_offs, t, G_ALIGN)
+    if full:  # vector loads; frozen lanes count 0
+        g = tl.where(keep, to_f32(tl.load(g_ptr + offs)), 0.0)
+    else:
+        g = to_f32(tl.load(g_ptr + offs, mask=keep, other=0.0))
     tl.store(out_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
 
 
@@ -167,9 +232,18 @@ def _table(rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     return list(table.unbind(0))
 
 
-def _aligned(*lists: list[torch.Tensor]) -> bool:
-    """Every data pointer 16-byte aligned (what the vector-access specialization asserts)."""
-    return all(t.data_ptr() % 16 == 0 for ts in lists for t in ts)
+def _align(*lists: list[torch.Tensor]) -> int:
+    """Elements per 16 bytes when every data pointer is 16-byte aligned (what the kernel's alignment
+    hint then asserts), else 1 (no hint)."""
+    if all(t.data_ptr() % 16 == 0 for ts in lists for t in ts):
+        return 16 // lists[0][0].element_size()
+    return 1
+
+
+def _offsets(ts: list[torch.Tensor]) -> list[int]:
+    """Element offsets of each tensor's data from the first one's (the kernel's typed base pointer)."""
+    base, size = ts[0].data_ptr(), ts[0].element_size()
+    return [(t.data_ptr() - base) // size for t in ts]
 
 
 def lerp_constants(beta1: float) -> tuple[float, bool]:
@@ -216,19 +290,22 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
         def ptrs(ts):
             return [t.data_ptr() for t in ts] if ts else [0] * len(index)
 
-        data = [pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs), pick(max_exp_avg_sqs if amsgrad else [])]
-        numel, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, w_ptrs = _table(
-            [[t.numel() for t in data[0]], *(ptrs(ts) for ts in data), ptrs(pick(words))], dev)
+        data = [pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs)]
+        data.append(pick(max_exp_avg_sqs) if amsgrad else data[2])  # unused without amsgrad
+        numel, p_offs, g_offs, m_offs, v_offs, vmax_offs, w_ptrs = _table(
+            [[t.numel() for t in data[0]], *(_offsets(ts) for ts in data),
+             [w.data_ptr() for w in pick(words)] if words else [0] * len(index)], dev)
         sel = torch.tensor(index, dtype=torch.int64, device=steps.device)
         step_size, bc2_sqrt, decay = step_scalars(steps[sel], lr, beta1, beta2, weight_decay, dev)
         scale = grad_scale.to(device=dev, dtype=torch.float32) if grad_scale is not None else decay
         inf = found_inf.to(device=dev, dtype=torch.float32) if found_inf is not None else decay
         _masked_adamw_kernel[(blk_start.numel(),)](
-            blk_tensor, blk_start, numel, p_ptrs, g_ptrs, m_ptrs, v_ptrs, vmax_ptrs, w_ptrs, step_size, bc2_sqrt,
-            decay, scale, inf, lerp_coeff, beta2, 1.0 - beta2, eps,
+            blk_tensor, blk_start, numel, *(ts[0] for ts in data), p_offs, g_offs, m_offs, v_offs, vmax_offs, w_ptrs,
+            step_size, bc2_sqrt, decay, scale, inf, lerp_coeff, beta2, 1.0 - beta2, eps,
             P_DTYPE=_TL_DTYPE[params[index[0]].dtype], S_DTYPE=_TL_DTYPE[exp_avgs[index[0]].dtype], AMSGRAD=amsgrad,
             HAS_MASK=bool(words), HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
-            MAXIMIZE=bool(maximize), LERP_FROM_M=lerp_from_m, ALIGNED=_aligned(*data), BLOCK=block, **FP_OPTIONS)
+            MAXIMIZE=bool(maximize), LERP_FROM_M=lerp_from_m, P_ALIGN=_align(data[0], data[1]),
+            S_ALIGN=_align(*data[2:]), BLOCK=block, **FP_OPTIONS)
 
 
 def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor], *,
@@ -243,12 +320,12 @@ def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor], *
     for dev, index in _buckets(grads, lambda i: grads[i].dtype):
         blk_tensor, blk_start, first = _block_table(tuple(grads[i].numel() for i in index), block, dev)
         mine = [grads[i] for i in index]
-        numel, g_ptrs, w_ptrs = _table([[g.numel() for g in mine], [g.data_ptr() for g in mine],
+        numel, g_offs, w_ptrs = _table([[g.numel() for g in mine], _offsets(mine),
                                         [words[i].data_ptr() for i in index] if words else [0] * len(index)], dev)
         partial = torch.empty(blk_start.numel(), dtype=torch.float32, device=dev)
         _masked_sq_sum_kernel[(blk_start.numel(),)](
-            blk_tensor, blk_start, numel, g_ptrs, w_ptrs, partial, G_DTYPE=_TL_DTYPE[mine[0].dtype],
-            HAS_MASK=bool(words), ALIGNED=_aligned(mine), BLOCK=block, **FP_OPTIONS)
+            blk_tensor, blk_start, numel, mine[0], g_offs, w_ptrs, partial, HAS_MASK=bool(words),
+            G_ALIGN=_align(mine), BLOCK=block, **FP_OPTIONS)
         sums = torch.empty(len(index), dtype=torch.float32, device=dev)
         _segment_sum_kernel[(len(index),)](partial, first, sums, BLOCK=SUM_BLOCK, **FP_OPTIONS)
         out[torch.tensor(index, dtype=torch.int64, device=device)] = sums.to(device)
@@ -257,25 +334,32 @@ def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor], *
 
 def aot_specs():
     """Every specialization the launchers above can take on a GPU (compiled by tools/triton_aot.py)."""
-    ptr_tables = {name: "*i64" for name in ("blk_start_ptr", "numel_ptr", "p_ptrs", "g_ptrs", "m_ptrs", "v_ptrs",
-                                            "vmax_ptrs", "w_ptrs")}
+    names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
+    tables = {name: "*i64" for name in ("blk_start_ptr", "numel_ptr", "p_offs", "g_offs", "m_offs", "v_offs",
+                                        "vmax_offs", "w_ptrs")}
     scalars = {"step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "decay_ptr": "*fp32", "grad_scale_ptr": "*fp32",
                "found_inf_ptr": "*fp32", "lerp_coeff": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32",
                "eps": "fp32"}
     for p_dtype in (tl.float32, tl.bfloat16, tl.float16):
-        for s_dtype in {p_dtype, tl.float32}:
+        p_vec = 128 // p_dtype.primitive_bitwidth
+        for s_dtype in dict.fromkeys((p_dtype, tl.float32)):
+            s_vec = 128 // s_dtype.primitive_bitwidth
+            bases = {"p_base": f"*{names[p_dtype]}", "g_base": f"*{names[p_dtype]}"}
+            bases.update({k: f"*{names[s_dtype]}" for k in ("m_base", "v_base", "vmax_base")})
             for amsgrad in (False, True):
                 for has_mask in (False, True):
                     for aligned in (True, False):
-                        yield KernelSpec(_masked_adamw_kernel, {"blk_tensor_ptr": "*i32", **ptr_tables, **scalars},
+                        yield KernelSpec(_masked_adamw_kernel,
+                                         {"blk_tensor_ptr": "*i32", **tables, **bases, **scalars},
                                          {"P_DTYPE": p_dtype, "S_DTYPE": s_dtype, "AMSGRAD": amsgrad,
                                           "HAS_MASK": has_mask, "HAS_SCALE": True, "HAS_INF": True,
-                                          "MAXIMIZE": False, "LERP_FROM_M": True, "ALIGNED": aligned,
+                                          "MAXIMIZE": False, "LERP_FROM_M": True,
+                                          "P_ALIGN": p_vec if aligned else 1, "S_ALIGN": s_vec if aligned else 1,
                                           "BLOCK": GPU_BLOCK})
         for has_mask in (False, True):
             yield KernelSpec(_masked_sq_sum_kernel, {"blk_tensor_ptr": "*i32", "blk_start_ptr": "*i64",
-                                                     "numel_ptr": "*i64", "g_ptrs": "*i64", "w_ptrs": "*i64",
-                                                     "out_ptr": "*fp32"},
-                             {"G_DTYPE": p_dtype, "HAS_MASK": has_mask, "ALIGNED": True, "BLOCK": GPU_BLOCK})
+                                                     "numel_ptr": "*i64", "g_base": f"*{names[p_dtype]}",
+                                                     "g_offs": "*i64", "w_ptrs": "*i64", "out_ptr": "*fp32"},
+                             {"HAS_MASK": has_mask, "G_ALIGN": p_vec, "BLOCK": GPU_BLOCK})
     yield KernelSpec(_segment_sum_kernel, {"partial_ptr": "*fp32", "first_ptr": "*i64", "out_ptr": "*fp32"},
                      {"BLOCK": SUM_BLOCK})
