@@ -63,7 +63,7 @@ def main() -> None:
 
     n = 10**6 if args.quick else 10**8
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = _ops.backend_for("slerp_apply", device)
+    backend = _ops.OPS["slerp_apply"].backend_for(device)
     sizes = tensor_sizes(n, 100)
     mk, mk_note = mergekit_slerp_fn()
     print(mk_note)

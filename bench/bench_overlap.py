@@ -60,14 +60,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from cpift_fast import _ops
+    from cpift_fast import _ops, ops
 
     T = args.T
     n = 10**7 if args.quick else 10**9
     n_bool = min(n, 10**8)
     n, n_bool = n - n % 32, n_bool - n_bool % 32
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    backend = _ops.backend_for("overlap_counts", device)
+    backend = _ops.OPS["overlap_counts"].backend_for(device)
     gen = torch.Generator().manual_seed(0)
     rows = []
 
@@ -76,7 +76,7 @@ def main() -> None:
     probe = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     bw = nbytes / median(time_it(lambda: probe.sum(), repeats=args.repeats, device=device))
     del probe
-    t_fused = median(time_it(lambda: _ops.overlap_counts(words), repeats=args.repeats, device=device))
+    t_fused = median(time_it(lambda: ops.overlap_counts(words), repeats=args.repeats, device=device))
     rows.append({"path": f"fused ({backend})", "N": n, "ms": 1e3 * t_fused, "GB/s": nbytes / t_fused / 1e9,
                  "% read BW": 100 * nbytes / t_fused / bw, "speed-up": 1.0})
     rows.append({"path": "read BW (torch.sum)", "N": n, "ms": 1e3 * nbytes / bw, "GB/s": bw / 1e9,
@@ -85,10 +85,10 @@ def main() -> None:
     gc.collect()
 
     small = random_words(T, n_bool, gen, device)
-    t_fused_small = median(time_it(lambda: _ops.overlap_counts(small), repeats=args.repeats, device=device))
-    bools = [_ops.mask_unpack(w, n_bool) for w in small]
+    t_fused_small = median(time_it(lambda: ops.overlap_counts(small), repeats=args.repeats, device=device))
+    bools = [ops.mask_unpack(w, n_bool) for w in small]
     inter, union = bool_pairs(bools)
-    assert torch.equal(_ops.overlap_counts(small).cpu(), inter), "fused and bool counts differ"
+    assert torch.equal(ops.overlap_counts(small).cpu(), inter), "fused and bool counts differ"
     t_bool_small = median(time_it(lambda: bool_pairs(bools), warmup=0, repeats=max(1, args.repeats // 2),
                                   device=device))
     buf = torch.empty_like(bools[0])

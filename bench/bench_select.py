@@ -3,7 +3,7 @@
 In memory: N elements in ~T tensors (bf16 and fp32), fraction 1%:
   exact      cpift_fast.core_region (3 passes: histogram, refine, mask)
   approx     core_region(mode="approx") (2 passes)
-  topk       the pure-PyTorch path: concatenate |diff| and torch.topk (reference.core_region_topk)
+  topk       the pure-PyTorch path: concatenate |diff| and torch.topk (cpift_fast.ops.select.core_region_topk)
   kthvalue   concatenate |diff|, torch.kthvalue for the threshold, compare (no tie handling)
 Each method runs in its own subprocess: time = median of --repeats runs; peak extra memory = the
 RSS high-water mark during the first run (reset through /proc/self/clear_refs just before it)
@@ -80,7 +80,8 @@ def peak_rss() -> int:
 # ---------------------------------------------------------------------------------------------
 
 def run_worker(method: str, dtype_name: str, n: int, tensors: int, repeats: int, fraction: float) -> dict:
-    from cpift_fast import core_region, reference
+    from cpift_fast import core_region
+    from cpift_fast.ops.select import core_region_topk
     from cpift_fast.select import round_half_up
 
     dtype = getattr(torch, dtype_name)
@@ -96,7 +97,7 @@ def run_worker(method: str, dtype_name: str, n: int, tensors: int, repeats: int,
         return core_region(base, tuned, fraction, mode="approx", progress=False).count()
 
     def topk():
-        bits = reference.core_region_topk(list(base.items()), list(tuned.items()), k)
+        bits = core_region_topk(list(base.items()), list(tuned.items()), k)
         return sum(int(b.sum()) for b in bits.values())
 
     def kthvalue():

@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from . import _ops, reference
+from . import ops
 from .io import ShardedWriter, TensorSource, honour_umask, open_tensors
 from .mask import ParamMask
 
@@ -117,8 +117,6 @@ def _slerp_pair(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor |
                 dot_threshold: float, eps: float, values=(), words=(), rule: int = 0, name: str = "tensor"):
     """Fused stats + apply for one pair (plus optional transplant) -> (result in a's dtype, info)."""
     base = base if task_vector else None
-    ops = _ops if a.dtype in _KERNEL_DTYPES and b.dtype in _KERNEL_DTYPES and \
-        (base is None or base.dtype in _KERNEL_DTYPES) else reference
     if t == 0:  # 1·a + 0·a keeps every bit of a, signed zeros included
         stats, b = torch.zeros(3, dtype=torch.float64), a
     else:
@@ -416,8 +414,8 @@ def _fuse_tensor(name, bb, srcs, base_src, core_masks, layout, t, task_vector, r
             multi |= seen & w
             seen |= w
         offs = torch.tensor([0, seen.numel()], dtype=torch.int64)
-        entry["transplanted"] = int(_ops.mask_popcount(seen, offs)[0])
-        entry["overlapping"] = int(_ops.mask_popcount(multi, offs)[0])
+        entry["transplanted"] = int(ops.mask_popcount(seen, offs)[0])
+        entry["overlapping"] = int(ops.mask_popcount(multi, offs)[0])
         stats["transplanted"] += entry["transplanted"]
         stats["overlapping"] += entry["overlapping"]
     return fused, entry

@@ -18,7 +18,7 @@ from functools import cached_property
 
 import torch
 
-from . import _ops
+from . import ops
 
 FORMAT = "cpift_fast.ParamMask"
 FORMAT_VERSION = "1"
@@ -164,7 +164,7 @@ class ParamMask:
             device = items[0][1].device if items else "cpu"
         words = torch.empty(layout.num_words, dtype=torch.int32, device=device)
         for (name, t), start, end in zip(items, layout.offsets[:-1], layout.offsets[1:]):
-            words[start:end] = _ops.mask_pack(t.to(device).reshape(-1))
+            words[start:end] = ops.mask_pack(t.to(device).reshape(-1))
         return cls(layout, words)
 
     # ----- views -------------------------------------------------------------------------------
@@ -200,17 +200,17 @@ class ParamMask:
     def tensor_bits(self, name: str) -> torch.Tensor:
         """One tensor's bits as a bool tensor of its shape (a copy)."""
         i = self._index(name)
-        return _ops.mask_unpack(self.tensor_words(name), self.layout.numels[i]).view(self.layout.shapes[i])
+        return ops.mask_unpack(self.tensor_words(name), self.layout.numels[i]).view(self.layout.shapes[i])
 
     def to_bool(self) -> dict[str, torch.Tensor]:
         return {name: self.tensor_bits(name) for name in self.names}
 
     def count_per_tensor(self) -> dict[str, int]:
-        counts = _ops.mask_popcount(self.words, self.layout.offsets_tensor(self.device)).tolist()
+        counts = ops.mask_popcount(self.words, self.layout.offsets_tensor(self.device)).tolist()
         return dict(zip(self.names, counts))
 
     def count(self) -> int:
-        return int(_ops.mask_popcount(self.words, torch.tensor([0, self.layout.num_words], device=self.device))[0])
+        return int(ops.mask_popcount(self.words, torch.tensor([0, self.layout.num_words], device=self.device))[0])
 
     @property
     def numel(self) -> int:
@@ -230,19 +230,19 @@ class ParamMask:
         self.layout.check_same(other.layout, f"the left operand of {symbol}", "the right one")
         if other.device != self.device:
             raise ValueError(f"ParamMask {symbol}: masks on {self.device} and {other.device}")
-        return ParamMask(self.layout, _ops.mask_binary(self.words, other.words, op))
+        return ParamMask(self.layout, ops.mask_binary(self.words, other.words, op))
 
     def __or__(self, other: ParamMask) -> ParamMask:
-        return self._binary(other, _ops.MASK_OR, "|")
+        return self._binary(other, ops.MASK_OR, "|")
 
     def __and__(self, other: ParamMask) -> ParamMask:
-        return self._binary(other, _ops.MASK_AND, "&")
+        return self._binary(other, ops.MASK_AND, "&")
 
     def __sub__(self, other: ParamMask) -> ParamMask:
-        return self._binary(other, _ops.MASK_ANDNOT, "-")
+        return self._binary(other, ops.MASK_ANDNOT, "-")
 
     def __xor__(self, other: ParamMask) -> ParamMask:
-        return self._binary(other, _ops.MASK_XOR, "^")
+        return self._binary(other, ops.MASK_XOR, "^")
 
     def __invert__(self) -> ParamMask:
         return _full(self.layout, self.device) - self

@@ -12,23 +12,26 @@ result equals torch's AdamW. ``masked_grad_norm`` gives the L2 norm of the train
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
-from . import _ops
+from . import ops
 from .mask import MaskLayout, ParamMask
+
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch built without distributed
+    _DTensor = None
 
 _MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+    return _DTensor is not None and isinstance(t, _DTensor)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -47,19 +50,38 @@ def _localize(words: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     local_shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
-    bits = _ops.mask_unpack(words, param.numel()).view(param.shape)
+    bits = ops.mask_unpack(words, param.numel()).view(param.shape)
     for dim, (start, length) in enumerate(zip(offset, local_shape)):
         bits = bits.narrow(dim, start, length)
     local = param.to_local()
     if bits.numel() != local.numel():
         raise ValueError(f"cannot localize the mask: the shard holds {local.numel()} elements, its block of the "
                          f"global shape {list(param.shape)} has {bits.numel()}")
-    return _ops.mask_pack(bits.reshape(-1).to(local.device))
+    return ops.mask_pack(bits.reshape(-1).to(local.device))
+
+
+# words already packed / copied to a device, per source tensor (a ParamMask's words or a dict mask's
+# bool tensor): {(what, device): (source version, words)}; entries go when the source tensor does
+_WORDS_CACHE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+def _cached(source: torch.Tensor, key: tuple, make) -> torch.Tensor:
+    """make() once per (source tensor, key) until the source is modified in place (its version)."""
+    entries = _WORDS_CACHE.setdefault(source, {})
+    hit = entries.get(key)
+    if hit is not None and hit[0] == source._version:
+        return hit[1]
+    words = make()
+    entries[key] = (source._version, words)
+    return words
 
 
 def _frozen_words(named: list[tuple[str | None, torch.Tensor]],
                   frozen: ParamMask | Mapping[torch.Tensor, torch.Tensor]) -> list[torch.Tensor]:
-    """Per-tensor frozen words (local to each shard, on the tensor's device) for `named` tensors."""
+    """Per-tensor frozen words (local to each shard, on the tensor's device) for `named` tensors.
+
+    Cached per mask tensor and device: a mask used again (masked_grad_norm every step) is neither
+    packed nor copied host-to-device again unless it was modified. The result is read-only."""
     out = []
     if isinstance(frozen, ParamMask):
         for name, p in named:
@@ -73,7 +95,9 @@ def _frozen_words(named: list[tuple[str | None, torch.Tensor]],
             if shape != tuple(p.shape):
                 raise ValueError(f"frozen mask tensor {name!r} has shape {list(shape)}, the parameter has shape "
                                  f"{list(p.shape)}")
-            out.append(_localize(frozen.tensor_words(name).to(_local(p).device), p))
+            device = _local(p).device
+            key = ("param_mask", name, device, _is_dtensor(p))
+            out.append(_cached(frozen.words, key, lambda: _localize(frozen.tensor_words(name).to(device), p)))
         return out
     if isinstance(frozen, Mapping):
         given = {id(key): bits for key, bits in frozen.items()}
@@ -94,8 +118,13 @@ def _frozen_words(named: list[tuple[str | None, torch.Tensor]],
             if tuple(bits.shape) != tuple(p.shape):
                 raise ValueError(f"frozen dict value for parameter {label} has shape {list(bits.shape)}, the "
                                  f"parameter has shape {list(p.shape)}")
-            words = _ops.mask_pack(_local(bits).reshape(-1).to(_local(p).device))
-            out.append(words if _is_dtensor(bits) else _localize(words, p))
+            device = _local(p).device
+
+            def pack(bits=bits, p=p, device=device):
+                words = ops.mask_pack(_local(bits).reshape(-1).to(device))
+                return words if _is_dtensor(bits) else _localize(words, p)
+
+            out.append(_cached(_local(bits), ("bits", device, _is_dtensor(p)), pack))
         return out
     raise TypeError(f"frozen must be a ParamMask, a {{parameter: bool tensor}} dict or None; got "
                     f"{type(frozen).__name__}")
@@ -109,17 +138,36 @@ class MaskedAdamW(torch.optim.Optimizer):
     an error), or ``{parameter: bool tensor}`` (True = frozen). ``set_frozen`` changes it between
     steps; with ``reset_on_unfreeze`` the moments of elements that become trainable are zeroed.
     ``state_dtype=torch.float32`` keeps fp32 moments for bf16/fp16 params (default: param dtype).
-    ``lr`` may be a float or a one-element tensor. Works with LR schedulers, GradScaler (unscaling
-    and the inf-skip happen in the step), DDP, and FSDP2/DTensor params (each process steps its
-    local shard with the mask cut to it).
+
+    Every keyword of ``torch.optim.AdamW`` is accepted. ``lr`` may be a float or a one-element tensor
+    (a tensor lr changed by a scheduler recompiles nothing under ``torch.compile``). ``foreach`` and
+    ``fused``: whatever their value, the step is one fused kernel per (device, dtype) bucket — the
+    same math as torch's fused AdamW (see csrc/adamw.cpp). ``capturable``: always honoured — step
+    counts live on the parameter's device as float32 tensors (as in torch's fused and capturable
+    modes) and the step reads no value back to the host, so it can be captured in a CUDA graph.
+    ``differentiable=True`` is refused (ValueError): the fused in-place step has no autograd.
+    ``decoupled_weight_decay`` (torch.optim.Adam's switch) must be True: this is AdamW.
+
+    Works with LR schedulers, GradScaler (unscaling and the inf-skip happen in the step, on the
+    device: no sync), DDP, and FSDP2/DTensor params (each process steps its local shard with the
+    mask cut to it). ``copy.deepcopy`` and pickle keep the whole optimizer: mask and settings.
     """
 
     _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, decoupled_weight_decay: bool = True,
                  frozen: ParamMask | Mapping[torch.Tensor, torch.Tensor] | None = None,
                  reset_on_unfreeze: bool = True, state_dtype: torch.dtype | None = None):
+        if differentiable:
+            raise ValueError("MaskedAdamW does not support differentiable=True: its step is a fused in-place kernel "
+                             "without autograd (use torch.optim.AdamW(differentiable=True) to differentiate through "
+                             "the step)")
+        if not decoupled_weight_decay:
+            raise ValueError("MaskedAdamW is AdamW: weight decay is always decoupled (decoupled_weight_decay=False "
+                             "is torch.optim.Adam's L2 penalty, which MaskedAdamW does not implement)")
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"lr as a tensor must hold one value, got shape {list(lr.shape)}")
         if not float(lr) >= 0.0:
@@ -133,15 +181,30 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if state_dtype not in (None, torch.float32):
             raise ValueError(f"state_dtype must be None (the param dtype) or torch.float32, got {state_dtype}")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-                        maximize=maximize)
+        defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay,
+                        amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=False, fused=fused)
         self._frozen: ParamMask | None = None  # the ParamMask in force (None: a dict mask, or nothing)
-        self._words: dict[int, torch.Tensor] = {}  # id(param) -> frozen words of its local tensor
-        super().__init__(params, defaults)
+        self._words: dict[torch.Tensor, torch.Tensor] = {}  # param -> frozen words of its local tensor
         self.reset_on_unfreeze = reset_on_unfreeze
         self.state_dtype = state_dtype
+        super().__init__(params, defaults)
         if frozen is not None:
             self.set_frozen(frozen)
+
+    def __getstate__(self) -> dict:
+        """torch's optimizer state plus the mask and MaskedAdamW's own settings (deepcopy, pickle)."""
+        state = super().__getstate__()
+        state.update(_frozen=self._frozen, _words=self._words, reset_on_unfreeze=self.reset_on_unfreeze,
+                     state_dtype=self.state_dtype)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # torch's load_state_dict calls this with only "state" and "param_groups": keep what is set
+        super().__setstate__(state)
+        for key, default in (("_frozen", None), ("_words", {}), ("reset_on_unfreeze", True), ("state_dtype", None)):
+            if not hasattr(self, key):
+                setattr(self, key, default)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group; a ParamMask in force is matched to the new parameters too."""
@@ -153,7 +216,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                 raise TypeError(f"MaskedAdamW: parameter {label} is {p.dtype}; float32, bfloat16 or float16 needed")
             if not _local(p).is_contiguous():
                 raise ValueError(f"MaskedAdamW: parameter {label} is not contiguous (strides {_local(p).stride()})")
-        if self._frozen is not None:
+        if getattr(self, "_frozen", None) is not None:
             self.set_frozen(self._frozen)
 
     # ----- mask --------------------------------------------------------------------------------
@@ -173,27 +236,27 @@ class MaskedAdamW(torch.optim.Optimizer):
         words = _frozen_words(named, frozen) if frozen is not None else None
         if self.reset_on_unfreeze:
             for k, (_, p) in enumerate(named):
-                old = self._words.get(id(p))
+                old = self._words.get(p)
                 state = self.state.get(p)
                 if old is None or not state:
                     continue
-                released = old if words is None else _ops.mask_binary(old, words[k], _ops.MASK_ANDNOT)
+                released = old if words is None else ops.mask_binary(old, words[k], ops.MASK_ANDNOT)
                 if not bool(released.any()):
                     continue
-                bits = _ops.mask_unpack(released, _local(p).numel())
+                bits = ops.mask_unpack(released, _local(p).numel())
                 for key in _MOMENTS:
                     if key in state:
                         _local(state[key]).view(-1).masked_fill_(bits.to(_local(state[key]).device), 0)
         self._frozen = frozen if isinstance(frozen, ParamMask) else None
-        self._words = {} if words is None else {id(p): w for (_, p), w in zip(named, words)}
+        self._words = {} if words is None else {p: w for (_, p), w in zip(named, words)}
 
     def frozen_mask(self) -> ParamMask | dict | None:
         """The mask in force: the ParamMask last given (a copy), for a dict mask {param: bool tensor}
         (of the local shard for DTensor params), or None when nothing is frozen."""
         if self._frozen is not None or not self._words:
             return self._frozen
-        return {p: _ops.mask_unpack(self._words[id(p)], _local(p).numel()).view(_local(p).shape)
-                for _, p in self._named_params() if id(p) in self._words}
+        return {p: ops.mask_unpack(self._words[p], _local(p).numel()).view(_local(p).shape)
+                for _, p in self._named_params() if p in self._words}
 
     # ----- step --------------------------------------------------------------------------------
 
@@ -201,7 +264,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             dtype = self.state_dtype or p.dtype
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=_local(p).device)
             state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         if amsgrad and "max_exp_avg_sq" not in state:
@@ -211,15 +274,15 @@ class MaskedAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """One AdamW step of every trainable element. Under GradScaler the grads are unscaled inside
-        the step and a step with inf/NaN grads is skipped entirely (step counts included)."""
+        the step and a step with inf/NaN grads changes nothing (step counts included), decided on
+        the device. Step counts and lr reach the kernel as tensors: no host sync, and a compiled step
+        does not recompile when they change."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item()):
-            return loss
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             amsgrad = group["amsgrad"]
@@ -237,19 +300,24 @@ class MaskedAdamW(torch.optim.Optimizer):
                 exp_avg_sqs.append(_local(state["exp_avg_sq"]))
                 if amsgrad:
                     max_exp_avg_sqs.append(_local(state["max_exp_avg_sq"]))
-                words.append(self._words.get(id(p)))
+                words.append(self._words.get(p))
             if not params:
                 continue
+            device = params[0].device
             torch._foreach_add_(step_counts, 1.0)
-            steps = [float(s) for s in step_counts]
+            steps = torch.stack(step_counts).to(device=device, dtype=torch.float32)
+            lr = group["lr"]
+            lr = lr if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float64, device=device)
             if all(w is None for w in words):
                 words = []
             else:
                 words = [w if w is not None else torch.zeros((t.numel() + 31) // 32, dtype=torch.int32,
                                                              device=t.device) for w, t in zip(words, params)]
-            _ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, words, steps,
-                               float(group["lr"]), beta1, beta2, group["weight_decay"], group["eps"], amsgrad,
-                               group["maximize"], grad_scale)
+            ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, words, steps, lr, float(beta1),
+                              float(beta2), float(group["weight_decay"]), float(group["eps"]), bool(amsgrad),
+                              bool(group["maximize"]), grad_scale, found_inf)
+            if found_inf is not None:  # a skipped step does not count (as torch's fused AdamW)
+                torch._foreach_sub_(step_counts, [found_inf.to(s.device, torch.float32) for s in step_counts])
         return loss
 
     # ----- state dict --------------------------------------------------------------------------
@@ -263,14 +331,20 @@ class MaskedAdamW(torch.optim.Optimizer):
                             "words": self._frozen.words.clone()}
         elif self._words:
             params = [p for _, p in self._named_params()]
-            sd["frozen"] = {"kind": "per_param", "words": {i: self._words[id(p)].clone() for i, p in enumerate(params)}}
+            sd["frozen"] = {"kind": "per_param", "words": {i: self._words[p].clone() for i, p in enumerate(params)
+                                                           if p in self._words}}
         else:
             sd["frozen"] = None
         return sd
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict, *, use_saved_mask: bool = False) -> None:
         """Load torch's part, then put back what torch's loader would change: moments keep their
-        saved dtype (fp32 moments of bf16 params stay fp32) and the mask is restored bit for bit."""
+        saved dtype (fp32 moments of bf16 params stay fp32), step counts live on the param's device.
+
+        The mask: a state dict without one (e.g. from ``torch.optim.AdamW``) keeps the mask in force.
+        One with a mask loads it bit for bit when no mask is in force; when both exist the mask in
+        force (from the constructor or ``set_frozen``) wins, with a warning if they differ, unless
+        ``use_saved_mask=True``."""
         state_dict = dict(state_dict)
         frozen = state_dict.pop("frozen", None)
         saved = {k: {key: v for key, v in s.items() if key in _MOMENTS} for k, s in state_dict["state"].items()}
@@ -281,27 +355,65 @@ class MaskedAdamW(torch.optim.Optimizer):
             dtype = self.state_dtype or p.dtype
             for key, value in moments.items():
                 self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+        for p in params:
+            state = self.state.get(p)
+            if state and "step" in state:
+                step = state["step"]
+                step = step if isinstance(step, torch.Tensor) else torch.tensor(float(step))
+                state["step"] = step.to(device=_local(p).device, dtype=torch.float32).reshape(())
         if frozen is None:
-            mask = None
-        elif frozen["kind"] == "param_mask":
-            mask = ParamMask(MaskLayout.from_json(frozen["layout"]), frozen["words"])
-        else:
-            self._frozen = None
-            self._words = {}
-            for k, words in frozen["words"].items():
-                p = params[int(k)]
-                local = _local(p)
-                if words.numel() != (local.numel() + 31) // 32:
-                    raise ValueError(f"saved frozen words of parameter #{k} hold {words.numel()} words, the "
-                                     f"parameter (local shard) needs {(local.numel() + 31) // 32}")
-                self._words[id(p)] = words.to(local.device, copy=True)
-            return
+            return  # nothing saved: the mask in force stays
+        mask, words = self._saved_mask(frozen, params)
+        if self._frozen is not None or self._words:
+            if use_saved_mask:
+                pass
+            else:
+                if not self._same_words(words):
+                    warnings.warn("MaskedAdamW.load_state_dict: the saved frozen mask differs from the one in force "
+                                  "(given to the constructor or set_frozen); keeping the one in force. Pass "
+                                  "use_saved_mask=True to load the saved one.", stacklevel=2)
+                return
         reset, self.reset_on_unfreeze = self.reset_on_unfreeze, False
         try:
-            self._words = {}
-            self.set_frozen(mask)
+            if mask is not None:
+                self._words = {}
+                self.set_frozen(mask)
+            else:
+                self._frozen = None
+                self._words = words
         finally:
             self.reset_on_unfreeze = reset
+
+    def _saved_mask(self, frozen: dict, params: list[torch.Tensor]) -> tuple[ParamMask | None, dict]:
+        """(ParamMask or None, {param: local words}) of a saved ``"frozen"`` entry."""
+        if frozen["kind"] == "param_mask":
+            mask = ParamMask(MaskLayout.from_json(frozen["layout"]), frozen["words"])
+            return mask, dict(zip(params, _frozen_words(self._named_params(), mask)))
+        words = {}
+        for k, w in frozen["words"].items():
+            if int(k) >= len(params):
+                raise ValueError(f"saved frozen words name parameter #{k}; the optimizer has {len(params)}")
+            p = params[int(k)]
+            local = _local(p)
+            if w.numel() != (local.numel() + 31) // 32:
+                raise ValueError(f"saved frozen words of parameter #{k} hold {w.numel()} words, the "
+                                 f"parameter (local shard) needs {(local.numel() + 31) // 32}")
+            words[p] = w.to(local.device, copy=True)
+        return None, words
+
+    def _same_words(self, words: dict) -> bool:
+        """Whether `words` ({param: words}) freezes exactly what the mask in force freezes."""
+        for _, p in self._named_params():
+            a, b = self._words.get(p), words.get(p)
+            if a is None and b is None:
+                continue
+            if a is None or b is None:
+                if bool((a if a is not None else b).any()):
+                    return False
+                continue
+            if not torch.equal(a, b.to(a.device)):
+                return False
+        return True
 
 
 def masked_grad_norm(params, frozen: ParamMask | Mapping[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -321,7 +433,7 @@ def masked_grad_norm(params, frozen: ParamMask | Mapping[torch.Tensor, torch.Ten
         return torch.zeros((), dtype=torch.float32)
     words = _frozen_words(items, frozen) if frozen is not None else []
     grads = [_local(p.grad) for _, p in items]
-    per_tensor = _ops.masked_grad_sq_norm(grads, words)
+    per_tensor = ops.masked_grad_sq_norm(grads, words)
     sharded = [k for k, (_, p) in enumerate(items)
                if _is_dtensor(p.grad) and any(pl.is_shard() for pl in p.grad.placements)]
     if sharded:

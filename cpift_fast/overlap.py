@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _ops
+from . import ops
 from .mask import ParamMask
 
 STRATEGIES = ("random", "size", "min_frozen")
@@ -45,7 +45,7 @@ def overlap_counts(masks: Sequence[ParamMask]) -> tuple[torch.Tensor, torch.Tens
     One pass over the mask words (fused kernel); the diagonal holds each mask's own count.
     """
     masks = _check_masks(masks)
-    inter = _ops.overlap_counts([m.words for m in masks]).cpu()
+    inter = ops.overlap_counts([m.words for m in masks]).cpu()
     count = inter.diagonal()
     union = count[:, None] + count[None, :] - inter
     return inter, union

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _ops
+from . import ops
 from .io import TensorSource, open_tensors
 from .mask import MaskLayout, ParamMask
 
@@ -211,7 +211,7 @@ def _count_per_tensor(words: torch.Tensor, layout: MaskLayout) -> torch.Tensor:
         bounds = layout.offsets
         return torch.tensor([int(np.bitwise_count(w[a:b]).sum(dtype=np.int64)) for a, b in zip(bounds[:-1], bounds[1:])],
                             dtype=torch.int64)
-    return _ops.mask_popcount(words, layout.offsets_tensor(words.device)).cpu()
+    return ops.mask_popcount(words, layout.offsets_tensor(words.device)).cpu()
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
@@ -294,12 +294,12 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
     # pass 1: histogram of key >> 16, and the Inf/NaN check
     bar.set_description("core region: histogram")
     # Histograms are summed in numpy: tiny single-threaded adds, no intra-op thread wake-ups per tensor.
-    hist = np.zeros(_ops.SELECT_BINS[0], dtype=np.int64)
+    hist = np.zeros(ops.SELECT_BINS[0], dtype=np.int64)
     bad: tuple[str, int] | None = None
     top_bin = []  # highest nonempty level-0 bin of each tensor: tensors below the threshold are skipped later
     for name in names:
         a, b = pairs.get(name, keep=single)
-        h = _ops.select_histogram(a, b, 0, 0).cpu().numpy()
+        h = ops.select_histogram(a, b, 0, 0).cpu().numpy()
         nonfinite = int(h[_NONFINITE_BIN:].sum())
         if nonfinite and bad is None:
             bad = (name, nonfinite)
@@ -332,11 +332,11 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
             budget = _ALL
         else:
             bar.set_description("core region: refine")
-            hist1 = np.zeros(_ops.SELECT_BINS[1], dtype=np.int64)
+            hist1 = np.zeros(ops.SELECT_BINS[1], dtype=np.int64)
             for name, top in zip(names, top_bin):
                 if top >= b0:
                     a, b = pairs.get(name, keep=single)
-                    hist1 += _ops.select_histogram(a, b, 1, b0).cpu().numpy()
+                    hist1 += ops.select_histogram(a, b, 1, b0).cpu().numpy()
                 bar.update(1)
             hist1 = _all_reduce(torch.from_numpy(hist1), group)
             refined = True
@@ -355,7 +355,7 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
             n_eq = 0
             if top >= threshold >> 16:  # else: no key reaches the threshold, the words stay zero
                 a, b = pairs.get(name, keep=single)
-                w, n_eq = _ops.select_mask(a, b, threshold, 0 if distributed_ties else left)
+                w, n_eq = ops.select_mask(a, b, threshold, 0 if distributed_ties else left)
                 n_eq = int(n_eq)
                 _store(words, off, w)
             counts.append(n_eq)
@@ -386,7 +386,7 @@ def _distribute_ties(names, offsets, pairs: _Pairs, words, threshold, budget, co
             left -= take
             if r == rank and take:
                 a, b = pairs.get(name)
-                w, _ = _ops.select_mask(a, b, threshold, take)
+                w, _ = ops.select_mask(a, b, threshold, take)
                 _store(words, off, w)
 
 

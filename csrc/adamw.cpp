@@ -20,72 +20,73 @@ namespace cpift {
 namespace {
 
 struct AdamWConsts {
-  float decay;      // 1 - lr * weight_decay
-  float one_minus_beta1;
+  float decay;        // 1 - lr * weight_decay (double, then rounded)
+  float lerp_coeff;   // m <- fma(lerp_coeff, g - m, base): 1 - beta1, or (1 - beta1) - 1 when that is >= 0.5
+  bool lerp_from_m;   // base = m (|1 - beta1| < 0.5), else base = g (torch's lerp_)
   float beta2;
   float one_minus_beta2;
-  float step_size;  // lr / (1 - beta1^step)
-  float bc2_sqrt;   // sqrt(1 - beta2^step)
+  float step_size;    // lr / (1 - beta1^step) (double, then rounded)
+  float bc2_sqrt;     // sqrt(1 - beta2^step) (double, then rounded)
   float eps;
-  float grad_mul;   // (maximize ? -1 : 1) / grad_scale
+  float grad_scale;   // grads are divided by it (1: no scaling)
+  bool has_scale;
+  bool maximize;
 };
 
-// Update elements [0, len) of a chunk; LEN > 0 fixes the length at compile time (full words),
-// MASKED keeps the original value of every element whose bit in `frozen_bits` is set.
-// Portable path (no AVX-512): plain loops the compiler vectorizes; no-math-errno lets it use
-// vector sqrt (errno is never read here).
-template <typename P, typename S, bool AMSGRAD, bool MASKED, int LEN>
+// The one formula, per element, in fp32, each operation rounded once. No compiler contraction (the
+// build uses -ffp-contract=off); the two fused multiply-adds are explicit, where torch's compiled
+// fused CPU AdamW (ATen/native/cpu/FusedAdamKernel.cpp, ADAMW mode) has them: its lerp_ is an
+// explicit fmadd, and its build contracts the exp_avg_sq line into fma((1 - beta2) g, g, v beta2)
+// (measured: this order reproduces its bits, the unfused one and the other contractions do not).
+//   g = grad / scale; g = -g if maximize;  p = p * decay
+//   m = fma(c, g - m, base)                       (exp_avg.lerp_(g, 1 - beta1))
+//   v = fma((1 - beta2) * g, g, v * beta2);       vm = amsgrad ? max(vmax, v) : v
+//   p = p - (step_size * m) / (sqrt(vm) / bc2_sqrt + eps)
+// The Triton kernel (kernels/adamw.py) writes the same operations in the same order.
+struct Moments {
+  float p, m, v, vm;
+};
+
+template <bool AMSGRAD>
+inline Moments adamw_math(float p, float g, float m, float v, float vmax, const AdamWConsts& c) {
+  if (c.has_scale) g = g / c.grad_scale;
+  if (c.maximize) g = -g;
+  p = p * c.decay;
+  m = std::fma(c.lerp_coeff, g - m, c.lerp_from_m ? m : g);
+  v = std::fma(c.one_minus_beta2 * g, g, v * c.beta2);
+  const float vm = AMSGRAD ? std::max(vmax, v) : v;
+  const float denom = std::sqrt(vm) / c.bc2_sqrt + c.eps;
+  p = p - c.step_size * m / denom;
+  return {p, m, v, vm};
+}
+
+// Update elements [0, len) of a chunk, keeping the bits of every element whose bit in
+// `frozen_bits` is set. Portable path (no AVX-512): the math loop vectorizes (no-math-errno lets
+// the compiler use vector sqrt), then only trainable lanes are stored.
+template <typename P, typename S, bool AMSGRAD>
 __attribute__((optimize("no-math-errno"))) inline void update_chunk(
     P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v, S* __restrict vmax,
     uint32_t frozen_bits, int len, const AdamWConsts& c) {
-  constexpr int kMax = 32;
-  const int n = LEN > 0 ? LEN : len;
-  P p_new[kMax];
-  S m_new[kMax], v_new[kMax], vmax_new[kMax];
+  Moments r[32];
 #pragma omp simd
-  for (int j = 0; j < n; ++j) {
-    const float gj = static_cast<float>(g[j]) * c.grad_mul;
-    float pj = static_cast<float>(p[j]);
-    float mj = static_cast<float>(m[j]);
-    float vj = static_cast<float>(v[j]);
-    pj = pj * c.decay;
-    mj = mj + c.one_minus_beta1 * (gj - mj);
-    vj = vj * c.beta2 + c.one_minus_beta2 * gj * gj;
-    float vm = vj;
-    if constexpr (AMSGRAD) {
-      vm = std::max(static_cast<float>(vmax[j]), vj);
-      vmax_new[j] = static_cast<S>(vm);
-    }
-    const float denom = std::sqrt(vm) / c.bc2_sqrt + c.eps;
-    pj = pj - c.step_size * mj / denom;
-    p_new[j] = static_cast<P>(pj);
-    m_new[j] = static_cast<S>(mj);
-    v_new[j] = static_cast<S>(vj);
-  }
-  if constexpr (!MASKED) {
-    std::memcpy(p, p_new, n * sizeof(P));
-    std::memcpy(m, m_new, n * sizeof(S));
-    std::memcpy(v, v_new, n * sizeof(S));
-    if constexpr (AMSGRAD) std::memcpy(vmax, vmax_new, n * sizeof(S));
-  } else {
-    // select on the stored representation so a frozen element keeps its exact bits (NaN included)
-    for (int j = 0; j < n; ++j) {
-      if (!((frozen_bits >> j) & 1u)) {
-        p[j] = p_new[j];
-        m[j] = m_new[j];
-        v[j] = v_new[j];
-        if constexpr (AMSGRAD) vmax[j] = vmax_new[j];
-      }
-    }
+  for (int j = 0; j < len; ++j)
+    r[j] = adamw_math<AMSGRAD>(widen(p[j]), widen(g[j]), widen(m[j]), widen(v[j]),
+                               AMSGRAD ? widen(vmax[j]) : 0.0f, c);
+  for (int j = 0; j < len; ++j) {
+    if ((frozen_bits >> j) & 1u) continue;  // frozen: never written
+    p[j] = narrow<P>(r[j].p);
+    m[j] = narrow<S>(r[j].m);
+    v[j] = narrow<S>(r[j].v);
+    if constexpr (AMSGRAD) vmax[j] = narrow<S>(r[j].vm);
   }
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(CPIFT_ADAMW_NO_AVX512)
 #define CPIFT_ADAMW_AVX512 1
-#include <immintrin.h>
 
 // 16 lanes of T widened to fp32: masked load (lanes outside `k` read as 0, never touched in memory)
-// and masked store (only lanes in `k` are written; the others keep their bits).
+// and masked store (only lanes in `k` are written; the others keep their bits). Conversions are the
+// common.h helpers, bit-identical to the scalar widen / narrow.
 template <typename T> struct Lanes;
 
 template <> struct Lanes<float> {
@@ -94,45 +95,28 @@ template <> struct Lanes<float> {
 };
 
 template <> struct Lanes<c10::BFloat16> {
-  static __m512 load(const c10::BFloat16* p, __mmask16 k) {
-    const __m256i raw = _mm256_maskz_loadu_epi16(k, p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-  }
-  static void store(c10::BFloat16* p, __mmask16 k, __m512 x) {
-#ifdef __AVX512BF16__
-    // one instruction: round to nearest even (a NaN stays a quiet NaN of the same sign)
-    _mm256_mask_storeu_epi16(p, k, (__m256i)_mm512_cvtneps_pbh(x));
-    return;
-#endif
-    // round to nearest even, NaN -> quiet NaN (as c10::BFloat16)
-    const __m512i bits = _mm512_castps_si512(x);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-    rounded = _mm512_srli_epi32(rounded, 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
-    rounded = _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7FC0));
-    _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(rounded));
-  }
+  static __m512 load(const c10::BFloat16* p, __mmask16 k) { return bf16x16_to_f32(_mm256_maskz_loadu_epi16(k, p)); }
+  static void store(c10::BFloat16* p, __mmask16 k, __m512 x) { _mm256_mask_storeu_epi16(p, k, f32x16_to_bf16(x)); }
 };
 
 template <> struct Lanes<c10::Half> {
-  static __m512 load(const c10::Half* p, __mmask16 k) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, p)); }
-  static void store(c10::Half* p, __mmask16 k, __m512 x) {
-    _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
+  static __m512 load(const c10::Half* p, __mmask16 k) { return f16x16_to_f32(_mm256_maskz_loadu_epi16(k, p)); }
+  static void store(c10::Half* p, __mmask16 k, __m512 x) { _mm256_mask_storeu_epi16(p, k, f32x16_to_f16(x)); }
 };
 
-// 16 elements: `valid` lanes exist, `write` lanes (valid and trainable) are updated.
+// adamw_math on 16 elements: `valid` lanes exist, `write` lanes (valid and trainable) are updated.
 template <typename P, typename S, bool AMSGRAD>
 inline void update16(P* p, const P* g, S* m, S* v, S* vmax, __mmask16 valid, __mmask16 write,
                      const AdamWConsts& c) {
-  const __m512 gj = _mm512_mul_ps(Lanes<P>::load(g, valid), _mm512_set1_ps(c.grad_mul));
-  __m512 pj = _mm512_mul_ps(Lanes<P>::load(p, valid), _mm512_set1_ps(c.decay));
+  __m512 gj = Lanes<P>::load(g, valid);
+  if (c.has_scale) gj = _mm512_div_ps(gj, _mm512_set1_ps(c.grad_scale));
+  if (c.maximize) gj = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gj), _mm512_set1_epi32(INT32_MIN)));
+  const __m512 pj = _mm512_mul_ps(Lanes<P>::load(p, valid), _mm512_set1_ps(c.decay));
   __m512 mj = Lanes<S>::load(m, valid);
   __m512 vj = Lanes<S>::load(v, valid);
-  mj = _mm512_add_ps(mj, _mm512_mul_ps(_mm512_set1_ps(c.one_minus_beta1), _mm512_sub_ps(gj, mj)));
-  vj = _mm512_add_ps(_mm512_mul_ps(vj, _mm512_set1_ps(c.beta2)),
-                     _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(c.one_minus_beta2), gj), gj));
+  mj = _mm512_fmadd_ps(_mm512_set1_ps(c.lerp_coeff), _mm512_sub_ps(gj, mj), c.lerp_from_m ? mj : gj);
+  vj = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(c.one_minus_beta2), gj), gj,
+                       _mm512_mul_ps(vj, _mm512_set1_ps(c.beta2)));
   __m512 vm = vj;
   if constexpr (AMSGRAD) {
     vm = _mm512_max_ps(Lanes<S>::load(vmax, valid), vj);
@@ -140,8 +124,7 @@ inline void update16(P* p, const P* g, S* m, S* v, S* vmax, __mmask16 valid, __m
   }
   const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vm), _mm512_set1_ps(c.bc2_sqrt)),
                                      _mm512_set1_ps(c.eps));
-  pj = _mm512_sub_ps(pj, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(c.step_size), mj), denom));
-  Lanes<P>::store(p, write, pj);
+  Lanes<P>::store(p, write, _mm512_sub_ps(pj, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(c.step_size), mj), denom)));
   Lanes<S>::store(m, write, mj);
   Lanes<S>::store(v, write, vj);
 }
@@ -167,17 +150,54 @@ void step_tensor(P* p, const P* g, S* m, S* v, S* vmax, const int32_t* frozen, i
         update16<P, S, AMSGRAD>(p + i + 16, g + i + 16, m + i + 16, v + i + 16, AMSGRAD ? vmax_i + 16 : nullptr,
                                 static_cast<__mmask16>(valid >> 16), static_cast<__mmask16>(write >> 16), c);
 #else
-      if (len == 32) {
-        if (bits == 0u)
-          update_chunk<P, S, AMSGRAD, false, 32>(p + i, g + i, m + i, v + i, vmax_i, 0u, 32, c);
-        else
-          update_chunk<P, S, AMSGRAD, true, 32>(p + i, g + i, m + i, v + i, vmax_i, bits, 32, c);
-      } else {
-        update_chunk<P, S, AMSGRAD, true, 0>(p + i, g + i, m + i, v + i, vmax_i, bits, len, c);
-      }
+      update_chunk<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, vmax_i, bits, len, c);
 #endif
     }
   });
+}
+
+// Per-tensor scalars of the step, in float64 and rounded to float once, as torch's fused AdamW:
+// step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t), decay = 1 - lr * weight_decay.
+// Computed with the same ATen ops (at::pow, float64) as the Triton launcher's step_scalars, so both
+// backends start from the same bits.
+struct StepScalars {
+  at::Tensor steps_t, step_size_t, bc2_sqrt_t;
+  const float* steps;
+  const float* step_size;
+  const float* bc2_sqrt;
+  float decay;
+};
+
+StepScalars step_scalars(const at::Tensor& steps, const at::Tensor& lr, double beta1, double beta2,
+                         double weight_decay) {
+  StepScalars s;
+  const at::Tensor t = steps.to(at::kCPU, at::kDouble);
+  const at::Tensor lr64 = lr.to(at::kCPU, at::kDouble).reshape({1});
+  s.steps_t = t.to(at::kFloat).contiguous();
+  s.step_size_t = (lr64 / (1.0 - at::pow(beta1, t))).to(at::kFloat).contiguous();
+  s.bc2_sqrt_t = at::sqrt(1.0 - at::pow(beta2, t)).to(at::kFloat).contiguous();
+  s.steps = s.steps_t.data_ptr<float>();
+  s.step_size = s.step_size_t.data_ptr<float>();
+  s.bc2_sqrt = s.bc2_sqrt_t.data_ptr<float>();
+  s.decay = (1.0 - lr64 * weight_decay).to(at::kFloat).item<float>();
+  return s;
+}
+
+AdamWConsts make_consts(float step_size, float bc2_sqrt, float decay, double beta1, double beta2, double eps,
+                        bool maximize, bool has_scale, float scale) {
+  const float w = static_cast<float>(1.0 - beta1);
+  const bool from_m = std::abs(w) < 0.5f;
+  return AdamWConsts{decay,
+                     from_m ? w : w - 1.0f,
+                     from_m,
+                     static_cast<float>(beta2),
+                     static_cast<float>(1.0 - beta2),
+                     step_size,
+                     bc2_sqrt,
+                     static_cast<float>(eps),
+                     scale,
+                     has_scale,
+                     maximize};
 }
 
 template <typename P, typename S>
@@ -212,23 +232,27 @@ void check_same(const at::Tensor& t, const at::Tensor& p, const char* what, int6
 
 void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                    at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList frozen,
-                   at::ArrayRef<double> steps, double lr, double beta1, double beta2, double weight_decay,
-                   double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale) {
+                   const at::Tensor& steps, const at::Tensor& lr, double beta1, double beta2, double weight_decay,
+                   double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
   const int64_t T = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == T && static_cast<int64_t>(exp_avgs.size()) == T &&
-                  static_cast<int64_t>(exp_avg_sqs.size()) == T && static_cast<int64_t>(steps.size()) == T,
+                  static_cast<int64_t>(exp_avg_sqs.size()) == T && steps.dim() == 1 && steps.numel() == T,
               "masked_adamw_: params, grads, exp_avgs, exp_avg_sqs and steps must have the same length (",
-              T, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.size(), ")");
+              T, ", ", grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size(), ", ", steps.sizes(), ")");
+  TORCH_CHECK(lr.numel() == 1, "masked_adamw_: lr must hold one value, got shape ", lr.sizes());
+  if (found_inf.has_value() && found_inf->to(at::kCPU).item<double>() != 0.0) return;  // GradScaler: skip
   TORCH_CHECK(!amsgrad || static_cast<int64_t>(max_exp_avg_sqs.size()) == T,
               "masked_adamw_: amsgrad needs one max_exp_avg_sq per param, got ", max_exp_avg_sqs.size());
   TORCH_CHECK(frozen.empty() || static_cast<int64_t>(frozen.size()) == T,
               "masked_adamw_: frozen must be empty (nothing frozen) or hold one word tensor per param, got ",
               frozen.size(), " for ", T, " params");
-  float grad_mul = maximize ? -1.0f : 1.0f;
+  float scale = 1.0f;
   if (grad_scale.has_value()) {
     TORCH_CHECK(grad_scale->numel() == 1, "masked_adamw_: grad_scale must hold one value");
-    grad_mul *= 1.0f / grad_scale->to(at::kCPU).item<float>();
+    scale = grad_scale->to(at::kCPU).item<float>();
   }
+  const StepScalars scalars = step_scalars(steps, lr, beta1, beta2, weight_decay);
   for (int64_t i = 0; i < T; ++i) {
     const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;
@@ -261,18 +285,10 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
                   frozen[i].numel(), " words, params[", i, "] needs ", (p.numel() + 31) / 32);
       words = frozen[i].data_ptr<int32_t>();
     }
-    const double step = steps[i];
-    TORCH_CHECK(step >= 1, "masked_adamw_: steps[", i, "] must be >= 1 (the step being taken), got ", step);
-    const double bc1 = 1.0 - std::pow(beta1, step);
-    const double bc2 = 1.0 - std::pow(beta2, step);
-    const AdamWConsts c{static_cast<float>(1.0 - lr * weight_decay),
-                        static_cast<float>(1.0 - beta1),
-                        static_cast<float>(beta2),
-                        static_cast<float>(1.0 - beta2),
-                        static_cast<float>(lr / bc1),
-                        static_cast<float>(std::sqrt(bc2)),
-                        static_cast<float>(eps),
-                        grad_mul};
+    TORCH_CHECK(scalars.steps[i] >= 1, "masked_adamw_: steps[", i, "] must be >= 1 (the step being taken), got ",
+                scalars.steps[i]);
+    const AdamWConsts c = make_consts(scalars.step_size[i], scalars.bc2_sqrt[i], scalars.decay, beta1, beta2, eps,
+                                      maximize, grad_scale.has_value(), scale);
     if (dtype == at::kFloat)
       dispatch_state<float>(p, g, exp_avgs[i], exp_avg_sqs[i], vmax, words, c);
     else if (dtype == at::kBFloat16)
@@ -344,14 +360,7 @@ at::Tensor masked_grad_sq_norm(at::TensorList grads, at::TensorList frozen) {
 
 }  // namespace cpift
 
-TORCH_LIBRARY_FRAGMENT(cpift, m) {
-  m.def(
-      "masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] max_exp_avg_sqs, Tensor[] frozen, float[] steps, float lr, float beta1, float beta2, "
-      "float weight_decay, float eps, bool amsgrad, bool maximize, Tensor? grad_scale) -> ()");
-  m.def("masked_grad_sq_norm(Tensor[] grads, Tensor[] frozen) -> Tensor");
-}
-
+// Schemas live in cpift_fast/ops/ (Python); this file registers only its CPU kernels.
 TORCH_LIBRARY_IMPL(cpift, CPU, m) {
   m.impl("masked_adamw_", &cpift::masked_adamw_);
   m.impl("masked_grad_sq_norm", &cpift::masked_grad_sq_norm);

@@ -23,20 +23,7 @@ namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per scratch chunk: a multiple of 32 (word-aligned)
 
-inline float bf16_bits_to_f32(uint16_t h) {
-  const uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-inline uint16_t f32_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+// bf16/fp16 <-> fp32: the common.h helpers (bf16_bits_to_f32, f32_to_bf16_bits, narrow<c10::Half>).
 
 void check_float(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor for the C++ kernel, got ", t.device());
@@ -90,7 +77,7 @@ void store_cast(const float* src, int64_t start, int64_t n, at::Tensor& out) {
                             _mm512_maskz_cvtps_ph(0xffff, _mm512_loadu_ps(src + i),
                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #endif
-      for (; i < n; ++i) d[i] = at::Half(src[i]);
+      for (; i < n; ++i) d[i] = narrow<c10::Half>(src[i]);
     }
   }
 }
@@ -280,11 +267,13 @@ at::Tensor slerp_apply(const at::Tensor& a_, const at::Tensor& b_, const std::op
       }
       if (K == 0) continue;
       const int64_t w0 = start / 32, w1 = (start + len + 31) / 32;
+      // bits of word w that name elements (padding bits past n in the last word are ignored)
+      const auto live = [n](int64_t w) { return n - w * 32 >= 32 ? ~0u : (1u << (n - w * 32)) - 1u; };
       if (rule != 2) {
         for (int64_t kk = 0; kk < K; ++kk) {
           const int64_t k = rule == 0 ? kk : K - 1 - kk;  // later writes win
           for (int64_t w = w0; w < w1; ++w) {
-            uint32_t bits = wp[k][w];
+            uint32_t bits = wp[k][w] & live(w);
             while (bits) {
               const int64_t i = w * 32 + __builtin_ctz(bits);
               bits &= bits - 1;
@@ -296,6 +285,7 @@ at::Tensor slerp_apply(const at::Tensor& a_, const at::Tensor& b_, const std::op
         for (int64_t w = w0; w < w1; ++w) {
           uint32_t any = 0;
           for (int64_t k = 0; k < K; ++k) any |= wp[k][w];
+          any &= live(w);
           while (any) {
             const int bit = __builtin_ctz(any);
             any &= any - 1;
@@ -321,12 +311,7 @@ at::Tensor slerp_apply(const at::Tensor& a_, const at::Tensor& b_, const std::op
 
 }  // namespace cpift
 
-TORCH_LIBRARY_FRAGMENT(cpift, m) {
-  m.def("slerp_stats(Tensor a, Tensor b, Tensor? base) -> Tensor");
-  m.def("slerp_apply(Tensor a, Tensor b, Tensor? base, float c0, float c1, float c2, Tensor[] values, "
-        "Tensor[] words, int rule) -> Tensor");
-}
-
+// Schemas live in cpift_fast/ops/ (Python); this file registers only its CPU kernels.
 TORCH_LIBRARY_IMPL(cpift, CPU, m) {
   m.impl("slerp_stats", &cpift::slerp_stats);
   m.impl("slerp_apply", &cpift::slerp_apply);

@@ -98,14 +98,7 @@ at::Tensor mask_binary(const at::Tensor& a, const at::Tensor& b, int64_t op) {
 
 }  // namespace cpift
 
-// The one TORCH_LIBRARY of the namespace; every other op file adds a TORCH_LIBRARY_FRAGMENT.
-TORCH_LIBRARY(cpift, m) {
-  m.def("mask_pack(Tensor bits) -> Tensor");
-  m.def("mask_unpack(Tensor words, int numel) -> Tensor");
-  m.def("mask_popcount(Tensor words, Tensor offsets) -> Tensor");
-  m.def("mask_binary(Tensor a, Tensor b, int op) -> Tensor");
-}
-
+// Schemas live in cpift_fast/ops/ (Python); this file registers only its CPU kernels.
 TORCH_LIBRARY_IMPL(cpift, CPU, m) {
   m.impl("mask_pack", &cpift::mask_pack);
   m.impl("mask_unpack", &cpift::mask_unpack);

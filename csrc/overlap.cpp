@@ -146,10 +146,7 @@ at::Tensor overlap_counts(const at::TensorList masks) {
 
 }  // namespace cpift
 
-TORCH_LIBRARY_FRAGMENT(cpift, m) {
-  m.def("overlap_counts(Tensor[] masks) -> Tensor");
-}
-
+// Schemas live in cpift_fast/ops/ (Python); this file registers only its CPU kernels.
 TORCH_LIBRARY_IMPL(cpift, CPU, m) {
   m.impl("overlap_counts", &cpift::overlap_counts);
 }

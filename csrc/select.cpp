@@ -264,11 +264,7 @@ std::tuple<at::Tensor, at::Tensor> select_mask(const at::Tensor& base, const at:
 
 }  // namespace cpift
 
-TORCH_LIBRARY_FRAGMENT(cpift, m) {
-  m.def("select_histogram(Tensor base, Tensor tuned, int level, int prefix) -> Tensor");
-  m.def("select_mask(Tensor base, Tensor tuned, int threshold, int tie_budget) -> (Tensor, Tensor)");
-}
-
+// Schemas live in cpift_fast/ops/ (Python); this file registers only its CPU kernels.
 TORCH_LIBRARY_IMPL(cpift, CPU, m) {
   m.impl("select_histogram", &cpift::select_histogram);
   m.impl("select_mask", &cpift::select_mask);

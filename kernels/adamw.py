@@ -24,7 +24,6 @@ raw pointers cast from integers would hide that alignment from the compiler.
 """
 
 import functools
-import os
 import struct
 
 import torch
@@ -36,23 +35,8 @@ from .mask import segment_blocks
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
-GPU_BLOCK = 1024  # elements per program on a GPU (4 warps: 8 per thread)
-INTERPRETER_BLOCK = 4096  # the interpreter runs one program at a time: fewer, larger blocks
+GPU_BLOCK = 1024  # elements per program (4 warps: 8 per thread); the interpreter runs this one too
 SUM_BLOCK = 1024  # partial sums per iteration of the per-tensor reduction
-
-
-def default_block() -> int:
-    return INTERPRETER_BLOCK if os.environ.get("TRITON_INTERPRET") == "1" else GPU_BLOCK
-
-
-def _block(block: int | None) -> int:
-    """BLOCK of a launch: `block` when given (tests force the GPU's), else CPIFT_ADAMW_BLOCK, else
-    the default for where the kernel runs."""
-    if block is None:
-        block = int(os.environ.get("CPIFT_ADAMW_BLOCK", "0")) or default_block()
-    if block < 32 or block & (block - 1):
-        raise ValueError(f"AdamW BLOCK must be a power of two >= 32, got {block}")
-    return block
 
 
 @triton.jit
@@ -105,25 +89,19 @@ def _store(ptr, offs, new, old, write, inside, DTYPE: tl.constexpr, FULL: tl.con
 
 @triton.jit
 def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, write, inside, step_size, bc2_sqrt, decay, grad_scale,
-                 lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-                 AMSGRAD: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
-                 LERP_FROM_M: tl.constexpr, FULL: tl.constexpr):
-    """The AdamW math of one block (the C++ adamw_math, operation for operation)."""
-    g = to_f32(_load(g_ptr, offs, inside, FULL))
-    if HAS_SCALE:
-        g = tl.div_rn(g, grad_scale)
-    if MAXIMIZE:
-        g = -g
+                 lerp_from_m, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr,
+                 S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, FULL: tl.constexpr):
+    """The AdamW math of one block (the C++ adamw_math, operation for operation). grad_scale carries
+    GradScaler's scale (1.0 without one) and maximize's sign: g / ±scale is -(g / scale) or g / scale
+    and g / ±1.0 is ±g, bit for bit, so one code path serves every case."""
+    g = tl.div_rn(to_f32(_load(g_ptr, offs, inside, FULL)), grad_scale)
     p_raw = _load(p_ptr, offs, inside, FULL)
     m_raw = _load(m_ptr, offs, inside, FULL)
     v_raw = _load(v_ptr, offs, inside, FULL)
     p = to_f32(p_raw) * decay
     m = to_f32(m_raw)
-    # exp_avg.lerp_(g, 1 - beta1) as torch computes it: one fused multiply-add
-    if LERP_FROM_M:
-        m = tl.fma(lerp_coeff, g - m, m)
-    else:
-        m = tl.fma(lerp_coeff, g - m, g)
+    # exp_avg.lerp_(g, 1 - beta1) as torch computes it: one fused multiply-add from m or from g
+    m = tl.fma(lerp_coeff, g - m, tl.where(lerp_from_m != 0, m, g))
     v = tl.fma(one_minus_beta2 * g, g, to_f32(v_raw) * beta2)  # as torch's compiled kernel contracts it
     vm = v
     if AMSGRAD:
@@ -137,13 +115,14 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, write, inside, step
     _store(v_ptr, offs, v, v_raw, write, inside, S_DTYPE, FULL)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lerp_from_m"])  # a 0/1 flag: one compiled variant for both
 def _masked_adamw_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_base, g_base, m_base, v_base, vmax_base,
-                         p_offs, g_offs, m_offs, v_offs, vmax_offs, w_ptrs, step_size_ptr, bc2_sqrt_ptr, decay_ptr, grad_scale_ptr, found_inf_ptr,
-                         lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-                         AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
-                         HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, LERP_FROM_M: tl.constexpr,
-                         P_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+                         p_offs, g_offs, m_offs, v_offs, vmax_offs, w_ptrs, step_size_ptr, bc2_sqrt_ptr, decay_ptr,
+                         grad_scale_ptr, found_inf_ptr, lerp_from_m, lerp_coeff, beta2, one_minus_beta2,
+                         eps, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+                         HAS_MASK: tl.constexpr, P_ALIGN: tl.constexpr, S_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
+    """Flags that cost nothing at run time (the lerp form, maximize as the sign of grad_scale,
+    GradScaler's scale and found_inf) are arguments, not specializations: fewer variants to prove."""
     pid = tl.program_id(0)
     t = tl.load(blk_tensor_ptr + pid)
     start = tl.multiple_of(tl.load(blk_start_ptr + pid), BLOCK)  # int64; blocks start at multiples of BLOCK
@@ -155,8 +134,7 @@ def _masked_adamw_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_base, g_bas
         words = tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32))
         word = tl.load(words + (offs >> 5), mask=inside, other=0).to(tl.uint32, bitcast=True)
         write = write & (((word >> (offs & 31).to(tl.uint32)) & 1) == 0)
-    if HAS_INF:  # GradScaler found inf/NaN grads: the step is skipped (nothing changes)
-        write = write & (tl.load(found_inf_ptr) == 0.0)
+    write = tl.where(tl.load(found_inf_ptr) == 0.0, write, False)  # GradScaler's inf/NaN: nothing changes
     p_ptr = _at(p_base, p_offs, t, P_ALIGN)
     g_ptr = _at(g_base, g_offs, t, P_ALIGN)
     m_ptr = _at(m_base, m_offs, t, S_ALIGN)
@@ -167,17 +145,15 @@ def _masked_adamw_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_base, g_bas
     step_size = tl.load(step_size_ptr + t)
     bc2_sqrt = tl.load(bc2_sqrt_ptr + t)
     decay = tl.load(decay_ptr)
-    grad_scale = 1.0
-    if HAS_SCALE:
-        grad_scale = tl.load(grad_scale_ptr)
+    grad_scale = tl.load(grad_scale_ptr)
     if start + BLOCK <= numel:
         _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, write, inside, step_size, bc2_sqrt, decay,
-                     grad_scale, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE, S_DTYPE, AMSGRAD, HAS_SCALE,
-                     MAXIMIZE, LERP_FROM_M, True)
+                     grad_scale, lerp_from_m, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE, S_DTYPE,
+                     AMSGRAD, True)
     else:
         _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, write, inside, step_size, bc2_sqrt, decay,
-                     grad_scale, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE, S_DTYPE, AMSGRAD, HAS_SCALE,
-                     MAXIMIZE, LERP_FROM_M, False)
+                     grad_scale, lerp_from_m, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE, S_DTYPE,
+                     AMSGRAD, False)
 
 
 @triton.jit
@@ -232,6 +208,12 @@ def _table(rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     return list(table.unbind(0))
 
 
+@functools.lru_cache(maxsize=16)
+def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 1.0 and -1.0 (grad_scale without GradScaler, maximize), 0.0 (found_inf without one)."""
+    return tuple(torch.tensor([v], dtype=torch.float32, device=device) for v in (1.0, -1.0, 0.0))
+
+
 def _align(*lists: list[torch.Tensor]) -> int:
     """Elements per 16 bytes when every data pointer is 16-byte aligned (what the kernel's alignment
     hint then asserts), else 1 (no hint)."""
@@ -269,20 +251,18 @@ def step_scalars(steps: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: flo
 def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                   exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor], frozen: list[torch.Tensor],
                   steps, lr, beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool,
-                  maximize: bool, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None = None, *,
-                  block: int | None = None) -> None:
+                  maximize: bool, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None = None) -> None:
     """Launcher of the op cpift::masked_adamw_ (arguments already checked by the op). `steps`:
-    float32[T] tensor (or floats), `lr`: one-element tensor (or float). `block`: force BLOCK."""
+    float32[T] tensor (or floats), `lr`: one-element tensor (or float)."""
     if not params:
         return
     steps = steps if isinstance(steps, torch.Tensor) else torch.tensor(list(steps), dtype=torch.float32)
     lr = lr if isinstance(lr, torch.Tensor) else torch.tensor(float(lr), dtype=torch.float64)
     grads = [g.contiguous() for g in grads]
     words = [w.contiguous() for w in frozen]
-    block = _block(block)
     lerp_coeff, lerp_from_m = lerp_constants(beta1)
     for dev, index in _buckets(params, lambda i: (params[i].dtype, exp_avgs[i].dtype)):
-        blk_tensor, blk_start, _ = _block_table(tuple(params[i].numel() for i in index), block, dev)
+        blk_tensor, blk_start, _ = _block_table(tuple(params[i].numel() for i in index), GPU_BLOCK, dev)
 
         def pick(ts):
             return [ts[i] for i in index] if ts else []
@@ -297,35 +277,37 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
              [w.data_ptr() for w in pick(words)] if words else [0] * len(index)], dev)
         sel = torch.tensor(index, dtype=torch.int64, device=steps.device)
         step_size, bc2_sqrt, decay = step_scalars(steps[sel], lr, beta1, beta2, weight_decay, dev)
-        scale = grad_scale.to(device=dev, dtype=torch.float32) if grad_scale is not None else decay
-        inf = found_inf.to(device=dev, dtype=torch.float32) if found_inf is not None else decay
+        one, minus_one, zero = _constants(dev)
+        if grad_scale is not None:
+            scale = grad_scale.to(device=dev, dtype=torch.float32).reshape(1)
+            scale = -scale if maximize else scale
+        else:
+            scale = minus_one if maximize else one
+        inf = found_inf.to(device=dev, dtype=torch.float32) if found_inf is not None else zero
         _masked_adamw_kernel[(blk_start.numel(),)](
             blk_tensor, blk_start, numel, *(ts[0] for ts in data), p_offs, g_offs, m_offs, v_offs, vmax_offs, w_ptrs,
-            step_size, bc2_sqrt, decay, scale, inf, lerp_coeff, beta2, 1.0 - beta2, eps,
-            P_DTYPE=_TL_DTYPE[params[index[0]].dtype], S_DTYPE=_TL_DTYPE[exp_avgs[index[0]].dtype], AMSGRAD=amsgrad,
-            HAS_MASK=bool(words), HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
-            MAXIMIZE=bool(maximize), LERP_FROM_M=lerp_from_m, P_ALIGN=_align(data[0], data[1]),
-            S_ALIGN=_align(*data[2:]), BLOCK=block, **FP_OPTIONS)
+            step_size, bc2_sqrt, decay, scale, inf, int(lerp_from_m), lerp_coeff, beta2,
+            1.0 - beta2, eps, P_DTYPE=_TL_DTYPE[params[index[0]].dtype], S_DTYPE=_TL_DTYPE[exp_avgs[index[0]].dtype],
+            AMSGRAD=amsgrad, HAS_MASK=bool(words), P_ALIGN=_align(data[0], data[1]), S_ALIGN=_align(*data[2:]),
+            BLOCK=GPU_BLOCK, **FP_OPTIONS)
 
 
-def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor], *,
-                        block: int | None = None) -> torch.Tensor:
+def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor]) -> torch.Tensor:
     """Launcher of cpift::masked_grad_sq_norm: per-block partial sums, then one program per tensor
     adds its blocks' partials in order (deterministic on every device: no atomics)."""
     device = grads[0].device if grads else torch.device("cpu")
     out = torch.zeros(len(grads), dtype=torch.float32, device=device)
     grads = [g.contiguous() for g in grads]
     words = [w.contiguous() for w in frozen]
-    block = _block(block)
     for dev, index in _buckets(grads, lambda i: grads[i].dtype):
-        blk_tensor, blk_start, first = _block_table(tuple(grads[i].numel() for i in index), block, dev)
+        blk_tensor, blk_start, first = _block_table(tuple(grads[i].numel() for i in index), GPU_BLOCK, dev)
         mine = [grads[i] for i in index]
         numel, g_offs, w_ptrs = _table([[g.numel() for g in mine], _offsets(mine),
                                         [words[i].data_ptr() for i in index] if words else [0] * len(index)], dev)
         partial = torch.empty(blk_start.numel(), dtype=torch.float32, device=dev)
         _masked_sq_sum_kernel[(blk_start.numel(),)](
             blk_tensor, blk_start, numel, mine[0], g_offs, w_ptrs, partial, HAS_MASK=bool(words),
-            G_ALIGN=_align(mine), BLOCK=block, **FP_OPTIONS)
+            G_ALIGN=_align(mine), BLOCK=GPU_BLOCK, **FP_OPTIONS)
         sums = torch.empty(len(index), dtype=torch.float32, device=dev)
         _segment_sum_kernel[(len(index),)](partial, first, sums, BLOCK=SUM_BLOCK, **FP_OPTIONS)
         out[torch.tensor(index, dtype=torch.int64, device=device)] = sums.to(device)
@@ -333,13 +315,14 @@ def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor], *
 
 
 def aot_specs():
-    """Every specialization the launchers above can take on a GPU (compiled by tools/triton_aot.py)."""
+    """Every specialization the launchers above can take (compiled by tools/triton_aot.py): each
+    dtype pair, amsgrad, mask, aligned or not; the interpreter runs the same BLOCK as a GPU."""
     names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
     tables = {name: "*i64" for name in ("blk_start_ptr", "numel_ptr", "p_offs", "g_offs", "m_offs", "v_offs",
                                         "vmax_offs", "w_ptrs")}
     scalars = {"step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "decay_ptr": "*fp32", "grad_scale_ptr": "*fp32",
-               "found_inf_ptr": "*fp32", "lerp_coeff": "fp32", "beta2": "fp32", "one_minus_beta2": "fp32",
-               "eps": "fp32"}
+               "found_inf_ptr": "*fp32", "lerp_from_m": "i32", "lerp_coeff": "fp32",
+               "beta2": "fp32", "one_minus_beta2": "fp32", "eps": "fp32"}
     for p_dtype in (tl.float32, tl.bfloat16, tl.float16):
         p_vec = 128 // p_dtype.primitive_bitwidth
         for s_dtype in dict.fromkeys((p_dtype, tl.float32)):
@@ -349,17 +332,15 @@ def aot_specs():
             for amsgrad in (False, True):
                 for has_mask in (False, True):
                     for aligned in (True, False):
-                        yield KernelSpec(_masked_adamw_kernel,
-                                         {"blk_tensor_ptr": "*i32", **tables, **bases, **scalars},
+                        yield KernelSpec(_masked_adamw_kernel, {"blk_tensor_ptr": "*i32", **tables, **bases, **scalars},
                                          {"P_DTYPE": p_dtype, "S_DTYPE": s_dtype, "AMSGRAD": amsgrad,
-                                          "HAS_MASK": has_mask, "HAS_SCALE": True, "HAS_INF": True,
-                                          "MAXIMIZE": False, "LERP_FROM_M": True,
-                                          "P_ALIGN": p_vec if aligned else 1, "S_ALIGN": s_vec if aligned else 1,
-                                          "BLOCK": GPU_BLOCK})
+                                          "HAS_MASK": has_mask, "P_ALIGN": p_vec if aligned else 1,
+                                          "S_ALIGN": s_vec if aligned else 1, "BLOCK": GPU_BLOCK})
         for has_mask in (False, True):
-            yield KernelSpec(_masked_sq_sum_kernel, {"blk_tensor_ptr": "*i32", "blk_start_ptr": "*i64",
-                                                     "numel_ptr": "*i64", "g_base": f"*{names[p_dtype]}",
-                                                     "g_offs": "*i64", "w_ptrs": "*i64", "out_ptr": "*fp32"},
-                             {"HAS_MASK": has_mask, "G_ALIGN": p_vec, "BLOCK": GPU_BLOCK})
+            for aligned in (True, False):
+                yield KernelSpec(_masked_sq_sum_kernel, {"blk_tensor_ptr": "*i32", "blk_start_ptr": "*i64",
+                                                         "numel_ptr": "*i64", "g_base": f"*{names[p_dtype]}",
+                                                         "g_offs": "*i64", "w_ptrs": "*i64", "out_ptr": "*fp32"},
+                                 {"HAS_MASK": has_mask, "G_ALIGN": p_vec if aligned else 1, "BLOCK": GPU_BLOCK})
     yield KernelSpec(_segment_sum_kernel, {"partial_ptr": "*fp32", "first_ptr": "*i64", "out_ptr": "*fp32"},
                      {"BLOCK": SUM_BLOCK})

@@ -69,22 +69,15 @@ def _run(step_fn, dtype, state_dtype, amsgrad, seed):
 
 
 def _cpp_step(p, g, m, v, vmax, words, bits, t, amsgrad):
-    torch.ops.cpift.masked_adamw_(p, g, m, v, vmax, words, *_step_args(t, len(p)), HYPER["beta1"], HYPER["beta2"],
-                                  HYPER["weight_decay"], HYPER["eps"], amsgrad, False, None)
+    torch.ops.cpift.masked_adamw_(p, g, m, v, vmax, words, torch.full((len(p),), float(t)),
+                                  torch.tensor(HYPER["lr"], dtype=torch.float64), HYPER["beta1"], HYPER["beta2"],
+                                  HYPER["weight_decay"], HYPER["eps"], amsgrad, False, None, None)
 
 
-def _step_args(t, n):
-    """(steps, lr) in the form the op's schema takes."""
-    schema = str(torch.ops.cpift.masked_adamw_.default._schema)
-    if "Tensor steps" in schema:
-        return torch.full((n,), float(t), dtype=torch.float32), torch.tensor(HYPER["lr"], dtype=torch.float64)
-    return [float(t)] * n, HYPER["lr"]
-
-
-def _triton_step(p, g, m, v, vmax, words, bits, t, amsgrad, block):
+def _triton_step(p, g, m, v, vmax, words, bits, t, amsgrad):
     triton_adamw.masked_adamw_(p, g, m, v, vmax, words, torch.full((len(p),), float(t)),
                                torch.tensor(HYPER["lr"], dtype=torch.float64), HYPER["beta1"], HYPER["beta2"],
-                               HYPER["weight_decay"], HYPER["eps"], amsgrad, False, None, block=block)
+                               HYPER["weight_decay"], HYPER["eps"], amsgrad, False, None)
 
 
 def _torch_fused_step(p, g, m, v, vmax, words, bits, t, amsgrad):
@@ -116,9 +109,7 @@ def test_backends_bit_identical_and_within_one_ulp_of_torch_fused(cpp_available,
     seed = 1234
     cpp = _run(lambda *a: _cpp_step(*a, amsgrad), dtype, state_dtype, amsgrad, seed)
     runs = {"cpp": cpp}
-    for block in (triton_adamw.INTERPRETER_BLOCK, triton_adamw.GPU_BLOCK):
-        runs[f"triton/{block}"] = _run(lambda *a, b=block: _triton_step(*a, amsgrad, b), dtype, state_dtype, amsgrad,
-                                       seed)
+    runs["triton"] = _run(lambda *a: _triton_step(*a, amsgrad), dtype, state_dtype, amsgrad, seed)
     ref = _run(lambda *a: _torch_fused_step(*a, amsgrad), dtype, state_dtype, amsgrad, seed)
     names = ("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     for name, run in runs.items():

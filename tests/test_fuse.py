@@ -10,8 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpift_fast import ParamMask, _ops, fuse_models, slerp
-from cpift_fast import reference as R
+from cpift_fast import ParamMask, fuse_models, ops, slerp
 from cpift_fast.fuse import TSchedule, layer_index, slerp_coefficients
 from cpift_fast.io import INDEX_NAME, open_tensors
 from cpift_fast.cli import main
@@ -204,28 +203,28 @@ def test_ops_match_reference(backend, dtype, n):
     b32 = torch.randn(2 * n, generator=gen)[::2]  # fp32 and strided, like a fold result view
     base = torch.randn(n, generator=gen).to(dtype)
     values = [torch.randn(n, generator=gen).to(dtype) for _ in range(3)]
-    words = [R.mask_pack(torch.rand(n, generator=gen) < 0.3) for _ in range(3)]
+    words = [ops.mask_pack.reference(torch.rand(n, generator=gen) < 0.3) for _ in range(3)]
     for bb in (None, base):
-        torch.testing.assert_close(_ops.slerp_stats(a, b32, bb), R.slerp_stats(a, b32, bb), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ops.slerp_stats(a, b32, bb), ops.slerp_stats.reference(a, b32, bb), rtol=1e-5, atol=1e-5)
         for rule in (0, 1, 2):
-            got = _ops.slerp_apply(a, b32, bb, 0.3, 0.6, 0.1, values, words, rule)
-            want = R.slerp_apply(a, b32, bb, 0.3, 0.6, 0.1, values, words, rule)
+            got = ops.slerp_apply(a, b32, bb, 0.3, 0.6, 0.1, values, words, rule)
+            want = ops.slerp_apply.reference(a, b32, bb, 0.3, 0.6, 0.1, values, words, rule)
             assert got.dtype == dtype and got.shape == a.shape
             assert torch.equal(got, want), (bb is None, rule)  # same fp32 operation order: bit-identical
-    assert torch.equal(_ops.slerp_apply(a, a, None, 1.0, 0.0, 0.0, [], [], 0), a)
+    assert torch.equal(ops.slerp_apply(a, a, None, 1.0, 0.0, 0.0, [], [], 0), a)
 
 
 def test_ops_reject_bad_arguments(backend):
     a = torch.randn(40)
-    w = R.mask_pack(torch.ones(40, dtype=torch.bool))
+    w = ops.mask_pack.reference(torch.ones(40, dtype=torch.bool))
     with pytest.raises((ValueError, RuntimeError), match="dtype"):
-        _ops.slerp_apply(a, a, None, 1.0, 0.0, 0.0, [a.half()], [w], 0)
+        ops.slerp_apply(a, a, None, 1.0, 0.0, 0.0, [a.half()], [w], 0)
     with pytest.raises((ValueError, RuntimeError), match="words"):
-        _ops.slerp_apply(a, a, None, 1.0, 0.0, 0.0, [a], [w[:1]], 0)
+        ops.slerp_apply(a, a, None, 1.0, 0.0, 0.0, [a], [w[:1]], 0)
     with pytest.raises((ValueError, RuntimeError), match="rule"):
-        _ops.slerp_apply(a, a, None, 1.0, 0.0, 0.0, [a], [w], 3)
+        ops.slerp_apply(a, a, None, 1.0, 0.0, 0.0, [a], [w], 3)
     with pytest.raises((ValueError, RuntimeError), match="elements"):
-        _ops.slerp_stats(a, torch.randn(41), None)
+        ops.slerp_stats(a, torch.randn(41), None)
 
 
 # ----- fuse_models --------------------------------------------------------------------------------
@@ -446,18 +445,6 @@ def test_streamed_sharded_fusion_equals_in_memory_and_loads(tmp_path):
         main(argv + ["--debug"])
 
 
-def test_opcheck_cpp_ops():
-    """Schemas, fake (meta) impls and dispatcher registration survive torch.library.opcheck."""
-    built, why = _ops._extension()
-    if not built:
-        pytest.skip(f"the C++ extension is not built: {why}")
-    a, b, base = torch.randn(70), torch.randn(70), torch.randn(70)
-    w = R.mask_pack(torch.rand(70) < 0.5)
-    torch.library.opcheck(torch.ops.cpift.slerp_stats.default, (a, b, base))
-    torch.library.opcheck(torch.ops.cpift.slerp_apply.default, (a, b, base, 0.5, 0.25, 0.25, [a.clone()], [w], 2))
-    torch.library.opcheck(torch.ops.cpift.overlap_counts.default, ([w, w.clone(), ~w],))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_on_gpu_matches_reference(dtype):
@@ -466,14 +453,14 @@ def test_triton_on_gpu_matches_reference(dtype):
     n = 2**20 + 7
     a, b, base = (torch.randn(n, generator=gen).to(dtype) for _ in range(3))
     values = [torch.randn(n, generator=gen).to(dtype) for _ in range(3)]
-    words = [R.mask_pack(torch.rand(n, generator=gen) < 0.2) for _ in range(3)]
+    words = [ops.mask_pack.reference(torch.rand(n, generator=gen) < 0.2) for _ in range(3)]
     with forced("triton"):
-        stats = _ops.slerp_stats(a.cuda(), b.cuda(), base.cuda())
-        outs = [_ops.slerp_apply(a.cuda(), b.cuda(), base.cuda(), 0.3, 0.6, 0.1, [v.cuda() for v in values],
+        stats = ops.slerp_stats(a.cuda(), b.cuda(), base.cuda())
+        outs = [ops.slerp_apply(a.cuda(), b.cuda(), base.cuda(), 0.3, 0.6, 0.1, [v.cuda() for v in values],
                                  [w.cuda() for w in words], rule) for rule in (0, 1, 2)]
-    torch.testing.assert_close(stats.cpu(), R.slerp_stats(a, b, base), rtol=1e-9, atol=1e-6)
+    torch.testing.assert_close(stats.cpu(), ops.slerp_stats.reference(a, b, base), rtol=1e-9, atol=1e-6)
     for rule, got in enumerate(outs):
-        want = R.slerp_apply(a, b, base, 0.3, 0.6, 0.1, values, words, rule)
+        want = ops.slerp_apply.reference(a, b, base, 0.3, 0.6, 0.1, values, words, rule)
         torch.testing.assert_close(got.cpu().float(), want.float(), rtol=ULP[dtype], atol=ULP[dtype])
 
 

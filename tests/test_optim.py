@@ -1,13 +1,17 @@
 """MaskedAdamW and masked_adamw_: frozen elements bit-exact, trainable ones = torch AdamW."""
 
+import copy
 import io
+import os
+import pickle
+import warnings
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpift_fast import MaskedAdamW, ParamMask, _ops, masked_grad_norm, reference
+from cpift_fast import MaskedAdamW, ParamMask, masked_grad_norm, ops
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SIZES = (0, 1, 31, 33, 4099)
@@ -20,7 +24,7 @@ def _random_words(n: int, gen: torch.Generator) -> torch.Tensor:
     if n >= 96:
         bits[:32] = True
         bits[32:64] = False
-    return _ops.mask_pack(bits) if n else torch.zeros(0, dtype=torch.int32)
+    return ops.mask_pack(bits) if n else torch.zeros(0, dtype=torch.int32)
 
 
 def _problem(sizes, dtype, state_dtype, amsgrad, seed=0, strided_grads=True):
@@ -41,10 +45,11 @@ def _clone(ts):
     return [t.clone() for t in ts]
 
 
-def _run_op(backend_op, prob, amsgrad, maximize=False, grad_scale=None, lr=1e-2, wd=0.1):
+def _run_op(backend_op, prob, amsgrad, maximize=False, grad_scale=None, lr=1e-2, wd=0.1, found_inf=None):
     p, g, m, v, vmax, words, steps = (_clone(x) if isinstance(x, list) and x and isinstance(x[0], torch.Tensor) else x
                                       for x in prob)
-    backend_op(p, g, m, v, vmax, words, steps, lr, 0.9, 0.99, wd, 1e-8, amsgrad, maximize, grad_scale)
+    backend_op(p, g, m, v, vmax, words, torch.tensor(steps, dtype=torch.float32),
+               torch.tensor(lr, dtype=torch.float64), 0.9, 0.99, wd, 1e-8, amsgrad, maximize, grad_scale, found_inf)
     return p, m, v, vmax
 
 
@@ -55,7 +60,7 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 def _assert_frozen_untouched(before, after, words):
     for b, a, w in zip(before, after, words):
-        frozen = _ops.mask_unpack(w, b.numel())
+        frozen = ops.mask_unpack(w, b.numel())
         assert torch.equal(_raw(a)[frozen], _raw(b)[frozen])
 
 
@@ -71,8 +76,8 @@ DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_op_matches_reference(backend, dtype, state_dtype, amsgrad):
     prob = _problem(SIZES, dtype, state_dtype, amsgrad)
-    got = _run_op(_ops.masked_adamw_, prob, amsgrad)
-    want = _run_op(reference.masked_adamw_, prob, amsgrad)
+    got = _run_op(ops.masked_adamw_, prob, amsgrad)
+    want = _run_op(ops.masked_adamw_.reference, prob, amsgrad)
     before = (prob[0], prob[2], prob[3], prob[4])
     for g_list, w_list, b_list in zip(got, want, before):
         _assert_frozen_untouched(b_list, g_list, prob[5])
@@ -82,7 +87,7 @@ def test_op_matches_reference(backend, dtype, state_dtype, amsgrad):
             else:  # the reference rounds every foreach intermediate to the param dtype
                 torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-3)
     # trainable elements did move
-    trainable = ~_ops.mask_unpack(prob[5][-1], SIZES[-1])
+    trainable = ~ops.mask_unpack(prob[5][-1], SIZES[-1])
     assert not torch.equal(got[0][-1][trainable], prob[0][-1][trainable])
 
 
@@ -92,12 +97,12 @@ def test_fused_backends_agree_in_low_precision(monkeypatch, backend_name, dtype)
     """Both fused kernels compute in fp32 and round once: they agree to one unit in the last place."""
     prob = _problem(SIZES, dtype, dtype, amsgrad=True, seed=3)
     monkeypatch.setenv("CPIFT_BACKEND", backend_name)
-    got = _run_op(_ops.masked_adamw_, prob, True)
+    got = _run_op(ops.masked_adamw_, prob, True)
     # fp32 oracle: the reference on fp32 copies, rounded once
     p32 = [x.float() for x in prob[0]]
     oracle_prob = (p32, [x.float() for x in prob[1]], [x.float() for x in prob[2]], [x.float() for x in prob[3]],
                    [x.float() for x in prob[4]], prob[5], prob[6])
-    want = _run_op(reference.masked_adamw_, oracle_prob, True)
+    want = _run_op(ops.masked_adamw_.reference, oracle_prob, True)
     for g_list, w_list in zip(got, want):
         for a, b in zip(g_list, w_list):
             ulp = torch.finfo(dtype).eps * b.abs().clamp_min(torch.finfo(dtype).tiny)
@@ -110,8 +115,8 @@ def test_op_big_tensor(monkeypatch, backend_name):
     test_triton_big_tensor with fewer dtypes to keep the suite fast)."""
     monkeypatch.setenv("CPIFT_BACKEND", backend_name)
     prob = _problem([BIG], torch.bfloat16, torch.float32, amsgrad=False, seed=1, strided_grads=False)
-    got = _run_op(_ops.masked_adamw_, prob, False)
-    want = _run_op(reference.masked_adamw_, prob, False)
+    got = _run_op(ops.masked_adamw_, prob, False)
+    want = _run_op(ops.masked_adamw_.reference, prob, False)
     _assert_frozen_untouched(prob[0], got[0], prob[5])
     for a, b in zip(got[:3], want[:3]):
         torch.testing.assert_close(a[0].float(), b[0].float(), rtol=1e-2, atol=1e-3)
@@ -120,8 +125,8 @@ def test_op_big_tensor(monkeypatch, backend_name):
 def test_triton_big_tensor(monkeypatch):
     monkeypatch.setenv("CPIFT_BACKEND", "triton")
     prob = _problem([BIG], torch.float32, torch.float32, amsgrad=False, seed=2, strided_grads=False)
-    got = _run_op(_ops.masked_adamw_, prob, False)
-    want = _run_op(reference.masked_adamw_, prob, False)
+    got = _run_op(ops.masked_adamw_, prob, False)
+    want = _run_op(ops.masked_adamw_.reference, prob, False)
     _assert_frozen_untouched(prob[0], got[0], prob[5])
     for a, b in zip(got[:3], want[:3]):
         torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=1e-7)
@@ -133,8 +138,8 @@ def test_op_grad_scale_and_maximize(backend, dtype):
     scale = torch.tensor(1024.0)
     scaled = list(prob)
     scaled[1] = [(g.float() * 1024).to(dtype) for g in prob[1]]
-    got = _run_op(_ops.masked_adamw_, scaled, False, maximize=True, grad_scale=scale)
-    want = _run_op(reference.masked_adamw_, prob, False, maximize=True)
+    got = _run_op(ops.masked_adamw_, scaled, False, maximize=True, grad_scale=scale)
+    want = _run_op(ops.masked_adamw_.reference, prob, False, maximize=True)
     _assert_frozen_untouched(prob[0], got[0], prob[5])
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     for g_list, w_list in zip(got[:3], want[:3]):
@@ -144,13 +149,19 @@ def test_op_grad_scale_and_maximize(backend, dtype):
 
 def test_op_errors(backend):
     p = [torch.zeros(40)]
+    one, lr = torch.ones(1), torch.tensor(1e-3)
     with pytest.raises((RuntimeError, ValueError, TypeError), match="grads"):
-        _ops.masked_adamw_(p, [torch.zeros(40, dtype=torch.float16)], [torch.zeros(40)], [torch.zeros(40)], [],
-                           [], [1.0], 1e-3, 0.9, 0.999, 0.0, 1e-8, False, False)
-    if backend != "torch":  # the reference does not read the words it is not given
-        with pytest.raises((RuntimeError, ValueError), match="frozen"):
-            _ops.masked_adamw_(p, [torch.zeros(40)], [torch.zeros(40)], [torch.zeros(40)], [],
-                               [torch.zeros(1, dtype=torch.int32)], [1.0], 1e-3, 0.9, 0.999, 0.0, 1e-8, False, False)
+        ops.masked_adamw_(p, [torch.zeros(40, dtype=torch.float16)], [torch.zeros(40)], [torch.zeros(40)], [],
+                          [], one, lr, 0.9, 0.999, 0.0, 1e-8, False, False, None, None)
+    with pytest.raises(ValueError, match="frozen"):
+        ops.masked_adamw_(p, [torch.zeros(40)], [torch.zeros(40)], [torch.zeros(40)], [],
+                          [torch.zeros(1, dtype=torch.int32)], one, lr, 0.9, 0.999, 0.0, 1e-8, False, False, None, None)
+    with pytest.raises(TypeError, match="steps must be a 1-D float32 tensor"):
+        ops.masked_adamw_(p, [torch.zeros(40)], [torch.zeros(40)], [torch.zeros(40)], [], [], [1.0], lr, 0.9,
+                          0.999, 0.0, 1e-8, False, False, None, None)
+    with pytest.raises(TypeError, match="lr must be a floating-point tensor"):
+        ops.masked_adamw_(p, [torch.zeros(40)], [torch.zeros(40)], [torch.zeros(40)], [], [], one, 1e-3, 0.9,
+                          0.999, 0.0, 1e-8, False, False, None, None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -159,9 +170,9 @@ def test_masked_grad_sq_norm(backend, dtype):
     sizes = list(SIZES) + ([BIG] if backend != "triton" else [])
     grads = [torch.randn(2 * n, generator=gen).to(dtype)[::2] for n in sizes]
     words = [_random_words(n, gen) for n in sizes]
-    grads[-1][0] = float("inf") if _ops.mask_unpack(words[-1], sizes[-1])[0] else grads[-1][0]  # frozen inf ignored
-    got = _ops.masked_grad_sq_norm(grads, words)
-    want = torch.stack([torch.where(_ops.mask_unpack(w, g.numel()), 0.0, g.float()).square().sum()
+    grads[-1][0] = float("inf") if ops.mask_unpack(words[-1], sizes[-1])[0] else grads[-1][0]  # frozen inf ignored
+    got = ops.masked_grad_sq_norm(grads, words)
+    want = torch.stack([torch.where(ops.mask_unpack(w, g.numel()), 0.0, g.float()).square().sum()
                         for g, w in zip(grads, words)])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert torch.isfinite(got).all()
@@ -418,17 +429,6 @@ def test_mask_errors():
         opt.set_frozen(wrong_shape)
 
 
-def test_opcheck_cpp_ops():
-    if _ops.backend_for("masked_grad_sq_norm", "cpu") != "cpp":
-        pytest.skip("the C++ extension is not built")
-    prob = _problem([33, 70], torch.float32, torch.float32, amsgrad=True)
-    p, g, m, v, vmax, words, steps = prob
-    torch.library.opcheck(torch.ops.cpift.masked_grad_sq_norm.default, ([x.contiguous() for x in g], words))
-    torch.library.opcheck(torch.ops.cpift.masked_adamw_.default,
-                          (p, [x.contiguous() for x in g], m, v, vmax, words, steps, 1e-3, 0.9, 0.999, 0.0, 1e-8,
-                           True, False, None))
-
-
 def test_callers_mask_edits_do_not_leak_in():
     model = _model()
     mask = _random_mask(model, 0.5)
@@ -447,13 +447,196 @@ def test_callers_mask_edits_do_not_leak_in():
                   dtype=st.sampled_from(DTYPES), amsgrad=st.booleans(), seed=st.integers(0, 2**16))
 def test_cpp_matches_reference_property(sizes, dtype, amsgrad, seed):
     """Random sizes and masks: the C++ kernel leaves frozen bits alone and agrees with the reference."""
-    if _ops.backend_for("masked_adamw_", "cpu") != "cpp":
+    if ops.masked_adamw_.backend_for("cpu") != "cpp":
         pytest.skip("the C++ extension is not built")
     prob = _problem(sizes, dtype, dtype, amsgrad, seed=seed)
     got = _run_op(torch.ops.cpift.masked_adamw_, prob, amsgrad)
-    want = _run_op(reference.masked_adamw_, prob, amsgrad)
+    want = _run_op(ops.masked_adamw_.reference, prob, amsgrad)
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     for g_list, w_list, b_list in zip(got, want, (prob[0], prob[2], prob[3], prob[4])):
         _assert_frozen_untouched(b_list, g_list, prob[5])
         for a, b in zip(g_list, w_list):
             torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# drop-in: torch.optim.AdamW's keywords, compile, state dicts, copies (issues 10 and 15)
+# ---------------------------------------------------------------------------------------------
+
+def test_accepts_every_torch_adamw_keyword():
+    import inspect
+
+    theirs = set(inspect.signature(torch.optim.AdamW.__init__).parameters) - {"self"}
+    ours = set(inspect.signature(MaskedAdamW.__init__).parameters)
+    assert theirs <= ours, f"missing: {sorted(theirs - ours)}"
+    model = _model()
+    opt = MaskedAdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.99), eps=1e-7, weight_decay=0.05, amsgrad=True,
+                      maximize=False, foreach=True, capturable=True, differentiable=False, fused=True)
+    _train(model, opt, 2)
+    assert all(s["step"].device == p.device and float(s["step"]) == 2 for p, s in opt.state.items())
+
+
+def test_differentiable_is_a_clear_error():
+    with pytest.raises(ValueError, match="differentiable=True"):
+        MaskedAdamW(_model().parameters(), differentiable=True)
+    with pytest.raises(ValueError, match="always decoupled"):
+        MaskedAdamW(_model().parameters(), decoupled_weight_decay=False)
+
+
+def test_found_inf_skips_the_step_on_every_backend(backend):
+    prob = _problem([40, 70], torch.float32, torch.float32, amsgrad=False, seed=6)
+    got = _run_op(ops.masked_adamw_, prob, False, found_inf=torch.tensor(1.0))
+    for after, before in zip(got[:3], (prob[0], prob[2], prob[3])):
+        for a, b in zip(after, before):
+            assert torch.equal(a, b)
+    moved = _run_op(ops.masked_adamw_, prob, False, found_inf=torch.tensor(0.0))
+    assert not torch.equal(moved[0][1], prob[0][1])
+
+
+def _plain_state(model, steps=2):
+    """A torch.optim.AdamW state dict (no mask) after a few steps."""
+    plain = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, plain, steps)
+    return plain.state_dict()
+
+
+def test_plain_adamw_state_dict_keeps_the_constructors_mask():
+    """Issue 15: loading torch.optim.AdamW's state (no "frozen") must not clear the mask in force."""
+    model = _model()
+    mask = _random_mask(model, 0.5)
+    sd = _plain_state(model)
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, frozen=mask)
+    opt.load_state_dict(sd)
+    assert opt.frozen_mask() == mask
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _train(model, opt, 3, seed=3)
+    for n, p in model.named_parameters():
+        bits = mask.tensor_bits(n)
+        assert torch.equal(p.detach()[bits], before[n][bits]), f"frozen elements of {n} moved"
+        assert opt.state[p]["step"].dtype == torch.float32 and float(opt.state[p]["step"]) == 5
+
+
+def test_saved_mask_versus_constructor_mask():
+    model = _model()
+    saved_mask, own = _random_mask(model, 0.5, seed=1), _random_mask(model, 0.2, seed=2)
+    src = MaskedAdamW(model.named_parameters(), lr=1e-2, frozen=saved_mask)
+    _train(model, src, 1)
+    sd = src.state_dict()
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, frozen=own)
+    with pytest.warns(UserWarning, match="keeping the one in force"):
+        opt.load_state_dict(sd)
+    assert opt.frozen_mask() == own
+    opt.load_state_dict(sd, use_saved_mask=True)
+    assert opt.frozen_mask() == saved_mask
+    same = MaskedAdamW(model.named_parameters(), lr=1e-2, frozen=saved_mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same.load_state_dict(sd)  # equal masks: no warning
+    fresh = MaskedAdamW(model.named_parameters(), lr=1e-2)
+    fresh.load_state_dict(sd)  # no mask in force: the saved one loads
+    assert fresh.frozen_mask() == saved_mask
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_mask_and_settings(how):
+    """Issue 15: deepcopy / pickle round-trip the whole optimizer and the next step works."""
+    model = _model(torch.bfloat16)
+    mask = _random_mask(model, 0.5)
+    opt = MaskedAdamW(model.named_parameters(), lr=1e-2, frozen=mask, reset_on_unfreeze=False,
+                      state_dtype=torch.float32)
+    _train(model, opt, 2, dtype=torch.bfloat16)
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        model2, opt2 = pickle.loads(pickle.dumps((model, opt)))
+    assert opt2.frozen_mask() == mask
+    assert opt2.reset_on_unfreeze is False and opt2.state_dtype == torch.float32
+    before = {n: p.detach().clone() for n, p in model2.named_parameters()}
+    _train(model2, opt2, 2, seed=4, dtype=torch.bfloat16)
+    _train(model, opt, 2, seed=4, dtype=torch.bfloat16)
+    for (n, p), q in zip(model2.named_parameters(), model.parameters()):
+        bits = mask.tensor_bits(n)
+        assert torch.equal(p.detach()[bits], before[n][bits])
+        assert torch.equal(p.detach(), q.detach())  # the copy steps exactly as the original
+        assert opt2.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_masked_grad_norm_caches_device_words(monkeypatch):
+    from cpift_fast import optim
+
+    model = _model()
+    mask = _random_mask(model, 0.4)
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.0), 1)
+    first = masked_grad_norm(model.named_parameters(), mask)
+    calls = []
+    monkeypatch.setattr(optim, "_localize", lambda *a: calls.append(a) or a[0])
+    again = masked_grad_norm(model.named_parameters(), mask)
+    assert calls == [] and torch.equal(first, again)  # nothing re-derived on the second call
+    mask.words.zero_()  # an in-place edit is seen
+    torch.testing.assert_close(masked_grad_norm(model.named_parameters(), mask),
+                               torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]), rtol=1e-5, atol=0)
+
+
+def test_triton_grad_norm_is_deterministic():
+    """Per-block partials summed in a fixed order (no atomics): the same bits on every call."""
+    from cpift_fast.kernels import adamw as triton_adamw
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the Triton kernel on CPU tensors (the interpreter)")
+    gen = torch.Generator().manual_seed(7)
+    grads = [torch.randn(n, generator=gen) for n in (5000, 33, 70000)]
+    words = [ops.mask_pack(torch.rand(g.numel(), generator=gen) < 0.3) for g in grads]
+    a = triton_adamw.masked_grad_sq_norm(grads, words)
+    assert torch.equal(a, triton_adamw.masked_grad_sq_norm(grads, words))
+    want = torch.stack([torch.where(ops.mask_unpack(w, g.numel()), 0.0, g).square().sum() for g, w in zip(grads, words)])
+    torch.testing.assert_close(a, want, rtol=1e-5, atol=0)
+
+
+def _compiled_training(opt_step, model, opt, steps, scheduler):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(16, 33, generator=gen)
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt_step()
+        scheduler.step()
+
+
+def test_compiled_step_with_scheduler_compiles_once():
+    """Step counts and lr reach the kernel as tensors: a tensor lr changed by a scheduler and the
+    growing step count recompile nothing after the first step; the step compiles with fullgraph=True."""
+    torch._dynamo.reset()
+    model = _model()
+    mask = _random_mask(model, 0.3)
+    opt = MaskedAdamW(model.named_parameters(), lr=torch.tensor(1e-2), frozen=mask)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    # the scheduler wraps opt.step in a function dynamo skips (torch/optim/lr_scheduler.py): compile
+    # MaskedAdamW.step itself, and tell the scheduler the optimizer stepped (what the wrapper does)
+    compiled = torch.compile(MaskedAdamW.step.__get__(opt), backend=counter, fullgraph=True)
+
+    def step():
+        opt._opt_called = True
+        compiled()
+
+    _compiled_training(step, model, opt, 6, scheduler)
+    # one graph for the first step (it creates the state), one for every later step: step counts
+    # and the scheduled lr change nothing the graph guards on
+    assert counter.frame_count == 2, f"compiled {counter.frame_count} times in 6 steps"
+    twin = _model()
+    twin_opt = MaskedAdamW(twin.named_parameters(), lr=torch.tensor(1e-2), frozen=mask)
+    _compiled_training(twin_opt.step, twin, twin_opt, 6, torch.optim.lr_scheduler.LambdaLR(twin_opt,
+                                                                                            lambda k: 1.0 / (1 + k)))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)  # compiled == eager, bit for bit
+
+
+def test_dynamo_explain_finds_no_graph_break_in_the_step():
+    torch._dynamo.reset()
+    model = _model()
+    opt = MaskedAdamW(model.named_parameters(), lr=torch.tensor(1e-2), frozen=_random_mask(model, 0.3))
+    _train(model, torch.optim.SGD(model.parameters(), lr=0.0), 1)
+    explanation = torch._dynamo.explain(opt.step)()
+    assert explanation.graph_break_count == 0, [str(b) for b in explanation.break_reasons]

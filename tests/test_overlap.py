@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpift_fast import ParamMask, _ops, group_tasks, jaccard_matrix, order_stages, overlap_counts, plot_overlap
+from cpift_fast import ParamMask, ops, group_tasks, jaccard_matrix, order_stages, overlap_counts, plot_overlap
 from cpift_fast.cli import main
 from helpers import forced
 
@@ -57,8 +57,8 @@ def test_op_accepts_noncontiguous_and_odd_word_counts(backend):
     for nwords in (0, 1, 2, 3, 17, 129, 1001):
         big = [torch.randint(-2**31, 2**31 - 1, (2 * nwords,), dtype=torch.int32, generator=gen) for _ in range(3)]
         strided = [b[::2] for b in big]
-        expected = _ops.implementation("overlap_counts", "torch")([s.contiguous() for s in strided])
-        assert torch.equal(_ops.overlap_counts(strided).cpu(), expected)
+        expected = ops.overlap_counts.reference([s.contiguous() for s in strided])
+        assert torch.equal(ops.overlap_counts(strided).cpu(), expected)
 
 
 def test_empty_masks_have_jaccard_zero():
@@ -196,7 +196,7 @@ def test_triton_on_gpu_matches_reference():
     """The compiled kernel (libdevice popc) on a real GPU; the interpreter runs the SWAR path."""
     gen = torch.Generator().manual_seed(7)
     words = [torch.randint(-2**31, 2**31 - 1, (100_003,), dtype=torch.int32, generator=gen) for _ in range(8)]
-    want = _ops.implementation("overlap_counts", "torch")(words)
+    want = ops.overlap_counts.reference(words)
     with forced("triton"):
-        got = _ops.overlap_counts([w.cuda() for w in words])
+        got = ops.overlap_counts([w.cuda() for w in words])
     assert torch.equal(got.cpu(), want)

@@ -11,7 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cpift_fast import ParamMask, _ops, core_region, io, reference
+from cpift_fast import ParamMask, core_region, io, ops
+from cpift_fast.ops.select import core_region_topk
 from cpift_fast.select import DEFAULT_LAYER_PATTERN, round_half_up
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -87,21 +88,21 @@ def test_ops_agree_across_backends(backend):
     base, tuned = tied_pair([(4099,)], torch.bfloat16, seed=5)
     a, b = base["layers.0.w"], tuned["layers.0.w"]
     a[7], b[9] = float("inf"), float("nan")
-    ref_h0 = reference.select_histogram(a, b, 0, 0)
-    assert torch.equal(_ops.select_histogram(a, b, 0, 0), ref_h0)
+    ref_h0 = ops.select_histogram.reference(a, b, 0, 0)
+    assert torch.equal(ops.select_histogram(a, b, 0, 0), ref_h0)
     assert int(ref_h0[0x7F80:].sum()) == 2
     for prefix in (0, 0x3E80, 0x3F80):
-        assert torch.equal(_ops.select_histogram(a, b, 1, prefix), reference.select_histogram(a, b, 1, prefix))
+        assert torch.equal(ops.select_histogram(a, b, 1, prefix), ops.select_histogram.reference(a, b, 1, prefix))
     for threshold, budget in [(0x3F800000, 0), (0x3F800000, 17), (0x3F800000, 2**63 - 1), (1, 5)]:
-        words, n_eq = _ops.select_mask(a, b, threshold, budget)
-        ref_words, ref_eq = reference.select_mask(a, b, threshold, budget)
+        words, n_eq = ops.select_mask(a, b, threshold, budget)
+        ref_words, ref_eq = ops.select_mask.reference(a, b, threshold, budget)
         assert torch.equal(words, ref_words) and int(n_eq) == int(ref_eq)
 
 
 def test_reference_concat_topk_equals_oracle():
     base, tuned = tied_pair(SHAPES, seed=11)
     k = 200
-    bools = reference.core_region_topk(list(base.items()), list(tuned.items()), k)
+    bools = core_region_topk(list(base.items()), list(tuned.items()), k)
     assert ParamMask.from_bool(bools) == oracle(base, tuned, k)
 
 
@@ -329,24 +330,15 @@ def test_tensors_below_the_threshold_are_not_reread(monkeypatch):
     tuned = {"small": torch.rand(500, generator=g) * 1e-6, "big": 1 + torch.rand(500, generator=g),
              "mixed": torch.cat([torch.rand(250, generator=g) * 1e-6, 1 + torch.rand(250, generator=g)])}
     seen = []
-    real_mask = _ops.select_mask
+    real_mask = ops.select_mask
 
     def spy(a, b, threshold, budget):
         seen.append(a.numel())
         return real_mask(a, b, threshold, budget)
 
-    monkeypatch.setattr(_ops, "select_mask", spy)
+    monkeypatch.setattr(ops, "select_mask", spy)
     mask = core_region(base, tuned, 0.2, progress=False)
     assert len(seen) == 2  # "small" never reaches the mask pass
     assert mask == oracle(base, tuned, 300)
 
 
-def test_cpp_ops_pass_opcheck():
-    """Schemas, fake (meta) impls and the CPU kernels agree (what torch.compile relies on)."""
-    if not _ops._extension()[0]:
-        pytest.skip(f"C++ extension not built: {_ops._extension()[1]}")
-    base, tuned = tied_pair([(1000,)], torch.bfloat16, seed=1)
-    a, b = base["layers.0.w"], tuned["layers.0.w"]
-    torch.library.opcheck(torch.ops.cpift.select_histogram.default, (a, b, 0, 0))
-    torch.library.opcheck(torch.ops.cpift.select_histogram.default, (a, b, 1, 0x3E80))
-    torch.library.opcheck(torch.ops.cpift.select_mask.default, (a, b, 0x3F000000, 3))

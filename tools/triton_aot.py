@@ -11,8 +11,10 @@ PTX / TTIR properties the tests assert:
 
 - ``div_full`` / ``div_approx``: approximate fp32 divisions (``div.full.f32``, ``div.approx``);
 - ``fma``: FMA instructions in the PTX (none unless the source writes ``tl.fma``);
-- ``atomics``: the distinct atomic opcodes (memory ordering is part of the opcode);
+- ``atomics``: the distinct atomic opcodes, ``atom.`` and ``red.`` (an atomic whose result is unused);
+  memory ordering is part of the opcode;
 - ``ld_vector`` / ``ld_scalar``: vectorized (``.v2`` / ``.v4``) and scalar global loads;
+- ``popc``: hardware popcount instructions (the libdevice switch's GPU side);
 - ``i32_tensor_offsets``: tensor address offsets computed in int32 that are not a bare
   ``tl.arange`` (such an offset can wrap past 2^31 elements); must be 0.
 
@@ -46,7 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNEL_DIR = ROOT / "kernels"
-MODULES = ("mask", "select", "overlap", "fuse", "adamw")
+MODULES = ("mask", "select", "overlap", "fuse", "adamw", "importance")
 TARGETS = (80, 90)
 OPTIONS = {"enable_fp_fusion": False}
 CACHE_DIR = ROOT / "build" / "triton-aot"
@@ -178,11 +180,12 @@ def _ptx_props(ptx: str, ttir: str) -> dict:
         "div_approx": sum("div.approx" in l for l in lines),
         "fma": sum(bool(re.search(r"\bfma\.rn", l)) for l in lines),
         "atomics": sorted({l.split()[0] for l in (l.strip().split(" ", 1)[-1] if l.strip().startswith("@") else
-                                                  l.strip() for l in lines) if l.startswith("atom.")}),
+                                                  l.strip() for l in lines) if l.startswith(("atom.", "red."))}),
         "fences": sum(bool(re.match(r"\s*(fence|membar)\.", l)) for l in lines),
         "ld_vector": sum(bool(re.search(r"\.v[24]\.", l)) for l in loads),
         "ld_scalar": sum(not re.search(r"\.v[24]\.", l) for l in loads),
         "i32_tensor_offsets": len(i32_offsets),
+        "popc": sum(bool(re.search(r"\bpopc\.b32", l)) for l in lines),
     }
 
 
@@ -336,7 +339,7 @@ def write_report(gate: dict) -> None:
     _write(REPORT_MD, "\n".join(md) + "\n")
     keep = ("key", "target", "ok", "error", "registers", "spill_stores", "spill_loads", "stack", "shared",
             "num_warps", "div_full", "div_approx", "fma", "atomics", "fences", "ld_vector", "ld_scalar",
-            "i32_tensor_offsets")
+            "i32_tensor_offsets", "popc")
     _write(REPORT_JSON, json.dumps({"triton": triton.__version__, "results": [
         {k: r[k] for k in keep if k in r} for r in gate["results"]]}, indent=1) + "\n")
 

@@ -70,7 +70,13 @@ at::Tensor mask_popcount_cuda(const at::Tensor& words, const at::Tensor& offsets
 
 }  // namespace cpift
 
-TORCH_LIBRARY_IMPL(cpift, CUDA, m) {
+// Own namespace: the CUDA key of cpift:: belongs to the Triton kernels; CPIFT_BACKEND=cuda picks these.
+TORCH_LIBRARY(cpift_cuda, m) {
+  m.def("mask_popcount(Tensor words, Tensor offsets) -> Tensor");
+  m.def("mask_binary(Tensor a, Tensor b, int op) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cpift_cuda, CUDA, m) {
   m.impl("mask_binary", &cpift::mask_binary_cuda);
   m.impl("mask_popcount", &cpift::mask_popcount_cuda);
 }
