@@ -8,7 +8,7 @@ TORCH_PIN ?= torch==2.13.0
 EXT_SOURCES := setup.py pyproject.toml cpift_fast/_extension.py $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
 CU_SOURCES  := $(shell find csrc -name '*.cu' 2>/dev/null)
 
-.PHONY: install demo test bench cuda-check clean
+.PHONY: install demo test bench gpu-check cuda-check clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test: install cuda-check
 
 bench: install
 	$(PY) bench/run_all.py
+
+# On a CUDA machine: the gpu-marked tests and every benchmark, records in bench/results/ (gpu-check.md).
+gpu-check: install
+	$(PY) bench/gpu_check.py
 
 # CUDA sources cannot run here, but they must keep compiling: `nvcc -c` against torch's headers,
 # with the nvcc flags of the real build (cpift_fast/_extension.py). A CPU-only torch lacks one
