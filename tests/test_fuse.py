@@ -448,7 +448,7 @@ def test_streamed_sharded_fusion_equals_in_memory_and_loads(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_on_gpu_matches_reference(dtype):
-    """The compiled kernels on a real GPU (FMA contraction allowed: one ulp of the dtype)."""
+    """The compiled kernels on a real GPU, within one ulp of the dtype of the reference."""
     gen = torch.Generator().manual_seed(8)
     n = 2**20 + 7
     a, b, base = (torch.randn(n, generator=gen).to(dtype) for _ in range(3))
