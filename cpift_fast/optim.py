@@ -130,6 +130,39 @@ def _frozen_words(named: list[tuple[str | None, torch.Tensor]],
                     f"{type(frozen).__name__}")
 
 
+_WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")  # anywhere in a name
+
+
+def _clean_name(name: str) -> str:
+    """A parameter name without what wrappers add: DDP's leading ``module.``, and torch.compile's,
+    FSDP1's and activation checkpointing's module levels."""
+    parts = [part for part in name.split(".") if part not in _WRAPPER_PARTS]
+    return ".".join(parts[1:] if parts[0] == "module" and len(parts) > 1 else parts)
+
+
+def _name_through(params, model: torch.nn.Module) -> list[dict]:
+    """Param groups whose bare tensors are replaced by (name, tensor) pairs named by `model`."""
+    names = {id(p): _clean_name(n) for n, p in model.named_parameters(remove_duplicate=False)}
+    groups = list(params)
+    if not groups:
+        return groups
+    if not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    out = []
+    for g in groups:
+        named = []
+        for p in g["params"]:
+            if isinstance(p, tuple):
+                named.append(p)
+            elif id(p) in names:
+                named.append((names[id(p)], p))
+            else:
+                raise ValueError(f"names_from: a parameter of shape {list(p.shape)} is not a parameter of the "
+                                 f"given {type(model).__name__}")
+        out.append({**g, "params": named})
+    return out
+
+
 class MaskedAdamW(torch.optim.Optimizer):
     """Drop-in ``torch.optim.AdamW`` that never touches frozen elements.
 
@@ -138,6 +171,10 @@ class MaskedAdamW(torch.optim.Optimizer):
     an error), or ``{parameter: bool tensor}`` (True = frozen). ``set_frozen`` changes it between
     steps; with ``reset_on_unfreeze`` the moments of elements that become trainable are zeroed.
     ``state_dtype=torch.float32`` keeps fp32 moments for bf16/fp16 params (default: param dtype).
+    ``names_from=model`` names bare parameters through ``model.named_parameters()`` (identity), for
+    callers that pass unnamed groups, e.g. ``transformers.Trainer(optimizer_cls_and_kwargs=
+    (MaskedAdamW, {"frozen": mask, "names_from": model}))``; wrapper prefixes (DDP's ``module.``,
+    ``torch.compile``'s ``_orig_mod.``) are removed from those names.
 
     Every keyword of ``torch.optim.AdamW`` is accepted. ``lr`` may be a float or a one-element tensor
     (a tensor lr changed by a scheduler recompiles nothing under ``torch.compile``). ``foreach`` and
@@ -160,7 +197,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, decoupled_weight_decay: bool = True,
                  frozen: ParamMask | Mapping[torch.Tensor, torch.Tensor] | None = None,
-                 reset_on_unfreeze: bool = True, state_dtype: torch.dtype | None = None):
+                 reset_on_unfreeze: bool = True, state_dtype: torch.dtype | None = None,
+                 names_from: torch.nn.Module | None = None):
         if differentiable:
             raise ValueError("MaskedAdamW does not support differentiable=True: its step is a fused in-place kernel "
                              "without autograd (use torch.optim.AdamW(differentiable=True) to differentiate through "
@@ -188,6 +226,8 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._words: dict[torch.Tensor, torch.Tensor] = {}  # param -> frozen words of its local tensor
         self.reset_on_unfreeze = reset_on_unfreeze
         self.state_dtype = state_dtype
+        if names_from is not None:
+            params = _name_through(params, names_from)
         super().__init__(params, defaults)
         if frozen is not None:
             self.set_frozen(frozen)

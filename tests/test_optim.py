@@ -640,3 +640,41 @@ def test_dynamo_explain_finds_no_graph_break_in_the_step():
     _train(model, torch.optim.SGD(model.parameters(), lr=0.0), 1)
     explanation = torch._dynamo.explain(opt.step)()
     assert explanation.graph_break_count == 0, [str(b) for b in explanation.break_reasons]
+
+
+def test_trainer_with_unnamed_groups_names_through_the_model(tmp_path):
+    """transformers.Trainer passes unnamed decay / no-decay groups: names_from=model names them, the
+    ParamMask is matched, and frozen elements stay bit-exact through Trainer steps."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(config)
+    mask = ParamMask.from_bool({n: torch.rand(p.shape) < 0.5 for n, p in model.named_parameters()})
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 64, (8, 12))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, weight_decay=0.1, report_to=[], save_strategy="no",
+                                          use_cpu=True, disable_tqdm=True, logging_strategy="no")
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                   optimizer_cls_and_kwargs=(MaskedAdamW, {"frozen": mask, "names_from": model}))
+    trainer.train()
+    assert isinstance(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer,
+                      MaskedAdamW)
+    moved = 0
+    for n, p in model.named_parameters():
+        bits = mask.tensor_bits(n)
+        assert torch.equal(p.detach()[bits], before[n][bits]), f"frozen elements of {n} moved"
+        moved += int((p.detach()[~bits] != before[n][~bits]).sum())
+    assert moved > 0  # the trainable ones did train
+    with pytest.raises(ValueError, match="names_from: a parameter of shape"):
+        MaskedAdamW([torch.nn.Parameter(torch.zeros(3))], frozen=mask, names_from=model)
+
+
+def test_wrapper_prefixes_are_dropped_from_names():
+    from cpift_fast.optim import _clean_name
+
+    assert _clean_name("module.layers.0._checkpoint_wrapped_module.mlp.weight") == "layers.0.mlp.weight"
+    assert _clean_name("_orig_mod.lm_head.weight") == "lm_head.weight"
+    assert _clean_name("encoder.module.weight") == "encoder.module.weight"  # only DDP's leading module.
