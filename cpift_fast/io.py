@@ -119,10 +119,6 @@ class TensorSource:
         return iter(self)
 
     @property
-    def total_numel(self) -> int:
-        return sum(self.numel(n) for n in self.names)
-
-    @property
     def is_streamed(self) -> bool:
         """True when tensors are read from files (not held in memory by the caller)."""
         return self._close is not None

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 
@@ -103,13 +101,6 @@ class Config:
     @property
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
-
-    def section_hash(self, *keys: str, extra=None) -> str:
-        """Stable hash of the named top-level sections (plus `extra`), for stage manifests."""
-        payload = {k: self.raw[k] for k in keys}
-        if extra is not None:
-            payload["_extra"] = extra
-        return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _merge(defaults: dict, user: dict, path: tuple[str, ...] = ()) -> dict:

@@ -15,7 +15,6 @@ import torch
 from .tasks import Chat, Example
 
 IGNORE = -100
-CHAT_TEMPLATE_MODES = ("auto", "never")
 
 
 def render(tok, prompt, chat_template: str = "auto") -> str:

@@ -80,13 +80,6 @@ def _metric_info(stage) -> dict:
             for n, r in load_json(stage, "results.json").items()}
 
 
-def run_config(path: str, runs_dir: str = "runs", from_kind: str | None = None, seeds: int | None = None,
-               overrides: dict | None = None) -> dict:
-    """Validate the config (all errors before any training), then run it."""
-    cfg = load_config(path, overrides)
-    return run_pipeline(cfg, runs_dir=runs_dir, from_kind=from_kind, seeds=seeds)
-
-
 def _cli(config, args) -> int:
     """`cpift run` / `cpift demo`; errors propagate to cli.main (one `cpift: error:` line)."""
     from .run import KINDS

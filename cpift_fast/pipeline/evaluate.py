@@ -159,7 +159,6 @@ SCORERS: dict[str, Callable] = {
     "exact": _accuracy(metrics.exact_match), "normalized": _accuracy(metrics.normalized_match),
     "gsm8k": _gsm8k, "code": _code, "rouge": _rouge, "judge": _judge,
 }
-GENERATIVE = set(SCORERS)
 METRIC_NAMES = tuple(SCORERS) + ("choice",)
 
 
