@@ -256,3 +256,15 @@ def test_bad_inputs_name_the_argument():
                         ((state, scales, [g.double() for g in grads], params, 0.9, 0, 0), r"grads\[0\]")):
         with pytest.raises((ValueError, TypeError), match=match):
             ops.importance_ema_(*args, None, None)
+
+
+@pytest.mark.parametrize("s_dtype", (torch.bfloat16, torch.uint8))
+@pytest.mark.parametrize("backend", _available_backends())
+def test_opcheck(backend, s_dtype):
+    """Schema (what it mutates), fake impl and the backend's kernel agree (what torch.compile relies
+    on); the backend under test is put on the CPU key for the duration."""
+    impl = OP.triton if backend == "triton" else OP.reference
+    overload = torch.ops.cpift.importance_ema_.default
+    with torch.library._scoped_library("cpift", "IMPL") as lib:
+        lib.impl("importance_ema_", impl, "CPU")
+        torch.library.opcheck(overload, (*_op_inputs(torch.bfloat16, s_dtype), 0.99, 0, 3, torch.tensor(2.0), None))
