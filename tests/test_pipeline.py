@@ -378,3 +378,15 @@ def test_stage_is_atomic_and_invalidated_by_params_and_inputs(tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
         Run(str(tmp_path / "r"), from_kind="nope")
     assert KINDS.index("stages") < KINDS.index("fuse") < KINDS.index("consolidate")
+
+
+def test_a_one_step_stage_trains():
+    """Warm-up is ceil(3 % of the steps) but never all of them: with lr 0 on a warm-up's first step, a
+    one-step stage would otherwise leave the model unchanged."""
+    model, tok = _tiny_model()
+    task = make_synthetic("shift", 16, 4, 0)
+    spec = train_mod.TrainSpec(epochs=1.0, batch_size=16, max_len=24)
+    assert train_mod.num_steps(len(task.train), spec) == 1
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_mod.train(model, tok, task.train, spec, progress=False)
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())

@@ -1,12 +1,13 @@
 """Supervised fine-tuning through ``transformers.Trainer`` with MaskedAdamW plugged in.
 
 Schedule: cosine decay with linear warm-up over the first ``warmup_ratio`` (3%) of the steps
-(``get_cosine_schedule_with_warmup``). Loss on response tokens only (see data.py). Elements marked in
-``frozen`` are never changed by the optimizer (MaskedAdamW: no update, no weight decay, no moment
-drift), and ``FreezeGuard`` verifies that bit for bit after training. Gradient clipping uses the
-norm of the *trainable* gradients (``masked_grad_norm``), so frozen elements' gradients do not
-shrink the updates of the others: g ← g · min(1, max_norm / (‖g_trainable‖ + 1e-6)), as
-``clip_grad_norm_`` but over the trainable elements.
+(rounded up, at most all steps but one; ``get_cosine_schedule_with_warmup``). Loss on response
+tokens only (see data.py). Elements marked in ``frozen`` are never changed by the optimizer
+(MaskedAdamW: no update, no weight decay, no moment drift), and ``FreezeGuard`` verifies that bit
+for bit after training. Gradient clipping uses the norm of the *trainable* gradients
+(``masked_grad_norm``), so frozen elements' gradients do not shrink the updates of the others:
+g ← g · min(1, max_norm / (‖g_trainable‖ + 1e-6)), as ``clip_grad_norm_`` but over the trainable
+elements.
 """
 
 from __future__ import annotations
@@ -73,7 +74,10 @@ def train(model, tok, examples: list[Example], spec: TrainSpec, *, frozen: Param
     guard = FreezeGuard(model, frozen, what=desc)
     opt = MaskedAdamW(list(model.named_parameters()), lr=spec.lr, betas=spec.betas, eps=spec.eps,
                       weight_decay=spec.weight_decay, frozen=frozen)
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(spec.warmup_ratio * steps), steps)
+    # ceil(ratio * steps) warm-up steps, as transformers counts them, but never all of them: the first
+    # step's lr is 0 during warm-up, so a one-step stage would otherwise not train at all
+    warmup = min(math.ceil(spec.warmup_ratio * steps), steps - 1)
+    sched = get_cosine_schedule_with_warmup(opt, warmup, steps)
     log: list[list[float]] = []
 
     class _Log(TrainerCallback):
