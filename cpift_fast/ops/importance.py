@@ -21,8 +21,8 @@ with θ = params[i] and I the element's current EMA, read from ``state[i]``. ``x
 
 Random numbers are a counter-based hash (``hash32``) of (seed, tensor position i, element index):
 the same bits on every backend, thread count and launch order, so a seeded run is reproducible.
-Importance is a non-negative quantity: a state holding negative values is outside the contract (the
-8-bit max ignores padding zeros), and so are non-finite grads with 8-bit state. A nonzero
+Importance is non-negative: state holding negative values is outside the contract, and so are
+non-finite grads with 8-bit state (fp32 / bf16 state carry Inf and NaN through). A nonzero
 ``found_inf`` (GradScaler saw inf/NaN) leaves every state and scale untouched.
 
 Backends: Triton (kernels/importance.py) on CUDA; on CPU (and elsewhere) the reference below — there
@@ -58,10 +58,11 @@ def tensor_seed(seed: int, i: int) -> int:
     return hash32((seed ^ hash32((i + 1) & _M32)) & _M32)
 
 
-def random_bits(tensor_seed_: int, numel: int, device: torch.device) -> torch.Tensor:
-    """int64[numel] in [0, 2^32): hash32(lo32(j) ^ tensor_seed ^ hash32(hi32(j))) for element j."""
+def random_bits(stream: int, numel: int, device: torch.device) -> torch.Tensor:
+    """int64[numel] in [0, 2^32): hash32(lo32(j) ^ stream ^ hash32(hi32(j))) for element j, with
+    stream = tensor_seed(seed, i)."""
     j = torch.arange(numel, dtype=torch.int64, device=device)
-    return hash32((j & _M32) ^ tensor_seed_ ^ hash32(j >> 32))
+    return hash32((j & _M32) ^ stream ^ hash32(j >> 32))
 
 
 def num_scales(numel: int) -> int:
