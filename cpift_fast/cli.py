@@ -8,6 +8,7 @@
     cpift fuse --backbone DIR --task NAME=DIR:MASK ... -o OUT   core transplant + SLERP, streamed
     cpift run CONFIG.yaml            CPI-FT + baselines from a config; resumable (--from STAGE, --seeds N)
     cpift sweep CONFIG --set K=V1,V2,...   one run per value (grid over two keys), stages shared; Fig. 2 plot
+    cpift plan CONFIG                memory per GPU in each stage (model config only, no weights); fits?
 """
 
 from __future__ import annotations
@@ -183,6 +184,27 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return sweep_cli(args)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    """`cpift plan CONFIG`: the memory plan of plan.py, as a table or JSON."""
+    from .pipeline.config import load_config, parse_override
+    from .plan import format_plan, plan_for_config
+
+    cfg = load_config(args.config, dotted=[parse_override(item) for item in args.overrides])
+    try:
+        shape, settings, rows = plan_for_config(
+            cfg, world_size=args.world_size, sharding=args.sharding, gpu_gb=args.gpu_gb,
+            state_dtype=args.state_dtype, grad_checkpointing=args.grad_checkpointing, attention=args.attention,
+            epi_tasks=args.epi_tasks, epi_state=args.epi_state)
+    except ValueError as exc:  # a bad argument or an unusable model config
+        raise UsageError(str(exc)) from None
+    if args.json:
+        print(json.dumps({"model": {**vars(shape), "params": shape.params}, "settings": settings,
+                          "stages": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        print(format_plan(shape, settings, rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -253,6 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="a swept key (several comma-separated values) or a fixed override (one value); repeatable")
     p.set_defaults(func=_cmd_sweep)
+    # [issue 13] cpift plan
+    p = sub.add_parser("plan", help="memory per GPU in each stage, from the model's config (no weights); fits?")
+    p.add_argument("config", help="YAML config (its model: tiny, a hub name, or a directory with config.json)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (dotted key, YAML value); repeatable")
+    p.add_argument("--world-size", type=int, default=1, help="GPUs of a training stage (default 1)")
+    p.add_argument("--sharding", choices=["ddp", "fsdp"], default="ddp",
+                   help="ddp: everything replicated; fsdp: params, grads, moments, masks sharded")
+    p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    p.add_argument("--state-dtype", choices=["float32"], default=None,
+                   help="AdamW moments in fp32 (default: the parameter dtype, as the pipeline trains)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in training")
+    p.add_argument("--attention", choices=["eager", "sdpa"], default=None,
+                   help="eager stores the attention scores (default: eager for tiny, sdpa for hub models)")
+    p.add_argument("--epi-tasks", type=int, default=0,
+                   help="add an EPI training stage with importance state for N tasks (the config has no EPI keys)")
+    p.add_argument("--epi-state", choices=["fp32", "bf16", "int8"], default="fp32", help="EPI state dtype")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_cmd_plan)
 
     for command in sub.choices.values():  # --debug also after the subcommand
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
