@@ -72,7 +72,8 @@ Stages (``KINDS`` of the pipeline, in order):
   (≤ train.max_len) + generated tokens.
 
 ``fits``: total ≤ gpu_gb GiB; ``headroom`` = gpu_gb GiB − total (the CUDA context, ~0.5–1 GiB,
-and allocator fragmentation come out of it).
+and allocator fragmentation come out of it). core, group and fuse run on the CPU: their bytes are
+host memory, with no fit (None).
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ ATTENTION = ("eager", "sdpa")
 LLAMA_STYLE = ("llama", "mistral")
 COMPONENTS = ("weights", "grads", "moments", "masks", "epi", "activations", "comm", "streamed")
 HISTOGRAM_BYTES = (32768 + 65536) * 8  # core selection's two histograms (select.py: 0.25 + 0.5 MiB)
+ON_CPU = ("core", "group", "fuse")      # stages the pipeline runs on the CPU (no GPU fit)
 
 
 @dataclass(frozen=True)
@@ -159,36 +161,40 @@ class ModelShape:
         return max(self.layer_params, self.embed_params)
 
     def describe(self) -> str:
-        return (f"{self.model_type}, {self.params / 1e9:.2f} B parameters (hidden {self.hidden}, {self.layers} layers, "
+        return (f"{self.model_type}, {self.params:,} parameters ({self.params / 1e9:.2f} B; hidden {self.hidden}, "
+                f"{self.layers} layers, "
                 f"{self.heads} heads / {self.kv_heads} kv, intermediate {self.intermediate}, vocab {self.vocab}, "
                 f"{'tied' if self.tied else 'untied'} embeddings)")
 
 
 @dataclass
 class StageMemory:
-    """One stage's bytes per GPU, by component (COMPONENTS), and whether they fit."""
+    """One stage's bytes per process, by component (COMPONENTS), and whether they fit the GPU.
+    A stage the pipeline runs on the CPU (device "cpu") has no fit or headroom (None)."""
 
     stage: str
     holds: str
     bytes: dict[str, float] = field(default_factory=dict)
     gpu_bytes: float = 0.0
+    device: str = "gpu"
 
     @property
     def total(self) -> float:
         return sum(self.bytes.values())
 
     @property
-    def fits(self) -> bool:
-        return self.total <= self.gpu_bytes
+    def fits(self) -> bool | None:
+        return self.total <= self.gpu_bytes if self.device == "gpu" else None
 
     @property
-    def headroom(self) -> float:
-        return self.gpu_bytes - self.total
+    def headroom(self) -> float | None:
+        return self.gpu_bytes - self.total if self.device == "gpu" else None
 
     def to_dict(self) -> dict:
         """JSON-ready: every component, the total and the headroom in GiB."""
-        return {"stage": self.stage, "holds": self.holds, "gib": {k: self.bytes.get(k, 0.0) / GIB for k in COMPONENTS},
-                "total_gib": self.total / GIB, "fits": self.fits, "headroom_gib": self.headroom / GIB}
+        return {"stage": self.stage, "holds": self.holds, "device": self.device,
+                "gib": {k: self.bytes.get(k, 0.0) / GIB for k in COMPONENTS}, "total_gib": self.total / GIB,
+                "fits": self.fits, "headroom_gib": None if self.headroom is None else self.headroom / GIB}
 
 
 def _choice(name: str, value, valid) -> None:
@@ -207,8 +213,8 @@ def memory_plan(model_config, *, world_size: int = 1, sharding: str = "ddp", par
                 grad_checkpointing: bool = False, attention: str = "sdpa", n_tasks: int = 2,
                 epi_tasks: int = 0, epi_state: str = "fp32", eval_batch_size: int = 1, eval_seq_len: int = 1024,
                 hub_base: bool = True, gpu_gb: float = 80.0) -> list[StageMemory]:
-    """Bytes one GPU holds in each stage (KINDS order, then ``epi`` when ``epi_tasks`` > 0); the
-    formulas are in the module docstring.
+    """Bytes one process holds in each stage (KINDS order, then ``epi`` when ``epi_tasks`` > 0):
+    on its GPU, or in host memory for core, group and fuse; the formulas are in the module docstring.
 
     model_config: a Llama-style ``transformers`` config or ``config.json`` mapping. world_size: the
     processes of a training stage; sharding: "ddp" (replicated) or "fsdp" (sharded). param_dtype,
@@ -259,11 +265,11 @@ def memory_plan(model_config, *, world_size: int = 1, sharding: str = "ddp", par
     rows = {
         "base": ("nothing (hub name)", {}) if hub_base else ("training (pretrain)", training(0, 0)),
         "probe": ("training", training(0, 0)),
-        "core": ("streamed (CPU)", {**base_weights, "masks": P / 8,
+        "core": ("streamed tensors", {**base_weights, "masks": P / 8,
                                              "streamed": 2 * T * b_p + T / 8 + HISTOGRAM_BYTES}),
-        "group": ("core masks (CPU)", {"masks": n_tasks * P / 8}),
+        "group": ("core masks", {"masks": n_tasks * P / 8}),
         "stages": ("training", training(1, 0)),
-        "fuse": ("streamed (CPU)", {**base_weights, "masks": n_tasks * P / 8,
+        "fuse": ("streamed tensors", {**base_weights, "masks": n_tasks * P / 8,
                                              "streamed": T * ((n_tasks + 3) * b_p + 8)}),
         "consolidate": ("training", training(1, 0)),
         "forgetting": ("training", training(1, 0)),
@@ -277,8 +283,8 @@ def memory_plan(model_config, *, world_size: int = 1, sharding: str = "ddp", par
         rows["epi"] = ("training + EPI", training(3 * epi_tasks + 1, epi_tasks))
         order.append("epi")
     gpu_bytes = float(gpu_gb) * GIB
-    return [StageMemory(stage, rows[stage][0], {k: float(v) for k, v in rows[stage][1].items()}, gpu_bytes)
-            for stage in order]
+    return [StageMemory(stage, rows[stage][0], {k: float(v) for k, v in rows[stage][1].items()}, gpu_bytes,
+                        "cpu" if stage in ON_CPU else "gpu") for stage in order]
 
 
 def model_config_of(model: Mapping, max_len: int):
@@ -330,7 +336,7 @@ def plan_for_config(cfg, *, world_size: int = 1, sharding: str = "ddp", gpu_gb: 
 
 
 def format_plan(shape: ModelShape, settings: dict, rows: list[StageMemory]) -> str:
-    """The table ``cpift plan`` prints: GiB per GPU per component, total, fits (headroom)."""
+    """The table ``cpift plan`` prints: GiB per component, total, fits (headroom) per stage."""
     s = settings
     ckpt = "activation checkpointing" if s["grad_checkpointing"] else "no activation checkpointing"
     epi = f"; EPI state for {s['epi_tasks']} tasks in {s['epi_state']}" if s["epi_tasks"] else ""
@@ -339,11 +345,12 @@ def format_plan(shape: ModelShape, settings: dict, rows: list[StageMemory]) -> s
         f"{s['sharding']} over {s['world_size']} GPU(s); weights {s['param_dtype']}, moments "
         f"{s['state_dtype'] or s['param_dtype']}; per-GPU batch {s['batch_size']} x {s['seq_len']} tokens, {ckpt}, "
         f"{s['attention']} attention; eval batch {s['eval_batch_size']} x {s['eval_seq_len']}{epi}",
-        f"GiB per GPU (GPU: {s['gpu_gb']:g} GiB)",
+        f"GiB per process (training, eval: on one GPU of {s['gpu_gb']:g} GiB; core, group, fuse: on the CPU)",
     ]
     head = ["stage", "holds"] + list(COMPONENTS) + ["total", "fits (headroom)"]
     table = [[r.stage, r.holds] + [f"{r.bytes.get(k, 0.0) / GIB:.2f}" for k in COMPONENTS]
-             + [f"{r.total / GIB:.2f}", f"{'yes' if r.fits else 'NO'} ({r.headroom / GIB:+.2f})"] for r in rows]
+             + [f"{r.total / GIB:.2f}", "n/a (CPU)" if r.fits is None
+                else f"{'yes' if r.fits else 'NO'} ({r.headroom / GIB:+.2f})"] for r in rows]
     widths = [max(len(row[i]) for row in [head] + table) for i in range(len(head))]
     for row in [head] + table:
         cells = [c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]

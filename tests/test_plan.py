@@ -61,6 +61,16 @@ def test_llama2_7b_from_config_json(tmp_path):
     assert rows["probe"].bytes["weights"] == 2 * 6_738_415_616
 
 
+def test_llama2_70b_gqa():
+    from transformers import LlamaConfig
+
+    config = dict(LLAMA2_7B, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                  num_attention_heads=64, num_key_value_heads=8)
+    shape = ModelShape.from_config(config)
+    assert shape.params == 68_976_648_192 == _meta_count(LlamaConfig(**config))
+    assert shape.largest_unit == shape.layer_params  # an 80-layer decoder layer outweighs the embedding
+
+
 def test_unsupported_model_type():
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
         ModelShape.from_config({"model_type": "gpt2", "n_embd": 768})
@@ -93,6 +103,8 @@ def test_component_bytes():
     assert rows["epi"].bytes["epi"] == pytest.approx(5 * P * (1 + 4 / 256))
     assert rows["epi"].bytes["masks"] == 16 * P / 8       # 3 masks per task + the optimizer's
     assert [r.stage for r in memory_plan(LLAMA2_7B)] == list(KINDS)   # no epi row without EPI tasks
+    # core, group and fuse run on the CPU: host bytes, no GPU fit
+    assert {r.stage for r in memory_plan(LLAMA2_7B) if r.fits is None} == {"core", "group", "fuse"}
 
 
 def test_activation_formula():
@@ -156,7 +168,7 @@ def test_cli_table_tiny(tmp_path, capsys):
     assert "llama" in out and "ddp over 1 GPU(s)" in out and "weights float32" in out
     stages = [line.split()[0] for line in out.splitlines()[4:]]
     assert stages == list(KINDS)
-    assert "yes (+" in out
+    assert "yes (+" in out and "n/a (CPU)" in out
 
 
 def test_cli_json_matches_memory_plan(tmp_path, capsys):
