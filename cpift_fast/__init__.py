@@ -21,6 +21,9 @@ from .select import CoreMask, SelectionInfo, core_region  # noqa: E402
 # overlap and fusion (issue 5)
 from .fuse import fuse_models, plot_fusion, slerp  # noqa: E402
 from .overlap import group_tasks, jaccard_matrix, order_stages, overlap_counts, plot_overlap  # noqa: E402
+# EPI: importance tracked online, masks refreshed during training (issue 11)
+from .importance import ImportanceTracker  # noqa: E402
+from .evolving import EvolvingIsolation, TaskBatchSampler  # noqa: E402
 
 from ._version import __version__  # noqa: E402
 
@@ -30,5 +33,6 @@ __all__ = [
     "CoreMask", "SelectionInfo", "core_region", "ShardedWriter", "TensorSource", "open_tensors", "save_sharded",
     "fuse_models", "plot_fusion", "slerp",
     "group_tasks", "jaccard_matrix", "order_stages", "overlap_counts", "plot_overlap",
+    "ImportanceTracker", "EvolvingIsolation", "TaskBatchSampler",
     "__version__",
 ]

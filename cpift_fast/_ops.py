@@ -77,11 +77,12 @@ class Op:
     """
 
     def __init__(self, schema: str, *, check: Callable, fake: Callable, reference: Callable,
-                 triton_module: str, device_of: Callable | None = None, cuda_cpp: bool = False):
+                 triton_module: str, device_of: Callable | None = None, cpp: bool = True, cuda_cpp: bool = False):
         self.name = schema.split("(", 1)[0]
         self.check = check
         self.reference = reference
         self.triton_module = triton_module
+        self.cpp = cpp  # a C++ CPU kernel exists (csrc/<op>.cpp); without one, CPU runs the reference
         self.cuda_cpp = cuda_cpp  # a CUDA C++ kernel exists (csrc/cuda), as torch.ops.cpift_cuda.<name>
         self._device_of = device_of or _first_device
         LIB.define(schema)
@@ -103,6 +104,8 @@ class Op:
         if backend == "cpp":
             if device.type != "cpu":
                 return f"the C++ backend runs CPU tensors only, got a {device.type} tensor"
+            if not self.cpp:
+                return f"{self.name} has no C++ kernel yet (on CPU it runs the reference)"
             ok, why = extension()
             if not ok:
                 return why

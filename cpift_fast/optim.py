@@ -175,6 +175,9 @@ class MaskedAdamW(torch.optim.Optimizer):
     callers that pass unnamed groups, e.g. ``transformers.Trainer(optimizer_cls_and_kwargs=
     (MaskedAdamW, {"frozen": mask, "names_from": model}))``; wrapper prefixes (DDP's ``module.``,
     ``torch.compile``'s ``_orig_mod.``) are removed from those names.
+    ``importance=tracker`` (a :class:`cpift_fast.importance.ImportanceTracker` over these parameters)
+    updates the tracker's active task's importance EMA at the start of every step, from the grads
+    and parameters before the update (GradScaler's scale and inf-skip applied to it too).
 
     Every keyword of ``torch.optim.AdamW`` is accepted. ``lr`` may be a float or a one-element tensor
     (a tensor lr changed by a scheduler recompiles nothing under ``torch.compile``). ``foreach`` and
@@ -198,7 +201,7 @@ class MaskedAdamW(torch.optim.Optimizer):
                  fused: bool | None = None, decoupled_weight_decay: bool = True,
                  frozen: ParamMask | Mapping[torch.Tensor, torch.Tensor] | None = None,
                  reset_on_unfreeze: bool = True, state_dtype: torch.dtype | None = None,
-                 names_from: torch.nn.Module | None = None):
+                 names_from: torch.nn.Module | None = None, importance=None):
         if differentiable:
             raise ValueError("MaskedAdamW does not support differentiable=True: its step is a fused in-place kernel "
                              "without autograd (use torch.optim.AdamW(differentiable=True) to differentiate through "
@@ -219,6 +222,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         if state_dtype not in (None, torch.float32):
             raise ValueError(f"state_dtype must be None (the param dtype) or torch.float32, got {state_dtype}")
+        if importance is not None and not callable(getattr(importance, "update", None)):
+            raise TypeError(f"importance must be an ImportanceTracker (or None), got {type(importance).__name__}")
         defaults = dict(lr=lr, betas=tuple(float(b) for b in betas), eps=eps, weight_decay=weight_decay,
                         amsgrad=amsgrad, maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=False, fused=fused)
@@ -226,6 +231,7 @@ class MaskedAdamW(torch.optim.Optimizer):
         self._words: dict[torch.Tensor, torch.Tensor] = {}  # param -> frozen words of its local tensor
         self.reset_on_unfreeze = reset_on_unfreeze
         self.state_dtype = state_dtype
+        self.importance = importance
         if names_from is not None:
             params = _name_through(params, names_from)
         super().__init__(params, defaults)
@@ -236,13 +242,14 @@ class MaskedAdamW(torch.optim.Optimizer):
         """torch's optimizer state plus the mask and MaskedAdamW's own settings (deepcopy, pickle)."""
         state = super().__getstate__()
         state.update(_frozen=self._frozen, _words=self._words, reset_on_unfreeze=self.reset_on_unfreeze,
-                     state_dtype=self.state_dtype)
+                     state_dtype=self.state_dtype, importance=self.importance)
         return state
 
     def __setstate__(self, state: dict) -> None:
         # torch's load_state_dict calls this with only "state" and "param_groups": keep what is set
         super().__setstate__(state)
-        for key, default in (("_frozen", None), ("_words", {}), ("reset_on_unfreeze", True), ("state_dtype", None)):
+        for key, default in (("_frozen", None), ("_words", {}), ("reset_on_unfreeze", True), ("state_dtype", None),
+                             ("importance", None)):
             if not hasattr(self, key):
                 setattr(self, key, default)
 
@@ -323,6 +330,8 @@ class MaskedAdamW(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if self.importance is not None:  # g and θ before the step
+            self.importance.update(grad_scale, found_inf)
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             amsgrad = group["amsgrad"]

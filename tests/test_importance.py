@@ -268,3 +268,32 @@ def test_opcheck(backend, s_dtype):
     with torch.library._scoped_library("cpift", "IMPL") as lib:
         lib.impl("importance_ema_", impl, "CPU")
         torch.library.opcheck(overload, (*_op_inputs(torch.bfloat16, s_dtype), 0.99, 0, 3, torch.tensor(2.0), None))
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, "int8"])
+def test_masked_adamw_importance_updates_before_the_step(state_dtype):
+    """MaskedAdamW(importance=tracker) = tracker.update() then the step: same params, same state bits."""
+    from cpift_fast import MaskedAdamW
+
+    def run(fused):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(40, 30)
+        tracker = ImportanceTracker(model.named_parameters(), ["a", "b"], beta=0.9, state_dtype=state_dtype, seed=5)
+        opt = MaskedAdamW(model.named_parameters(), lr=1e-2, importance=tracker if fused else None)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(6):
+            tracker.set_task("ab"[step % 2])
+            opt.zero_grad()
+            model(torch.randn(8, 40, generator=gen)).square().mean().backward()
+            if not fused:
+                tracker.update()
+            opt.step()
+        return model, tracker
+
+    (m1, t1), (m2, t2) = run(True), run(False)
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    for task in ("a", "b"):
+        for name, value in t1.importance(task).items():
+            assert torch.equal(value, t2.importance(task)[name])
+    with pytest.raises(TypeError, match="importance must be an ImportanceTracker"):
+        MaskedAdamW(m1.parameters(), importance=object())

@@ -17,6 +17,7 @@ HOMES = {
     "select": {"select_histogram", "select_mask"},
     "overlap": {"overlap_counts"},
     "fuse": {"slerp_stats", "slerp_apply"},
+    "importance": {"importance_ema_"},
 }
 
 
@@ -56,6 +57,8 @@ SAMPLES = {
     "slerp_stats": lambda: (torch.randn(70), torch.randn(70), torch.randn(70)),
     "slerp_apply": lambda: (torch.randn(70), torch.randn(70), torch.randn(70), 0.5, 0.25, 0.25, [torch.randn(70)],
                             [_words(3, 9)], 2),
+    "importance_ema_": lambda: ([torch.zeros(70, dtype=torch.uint8)], [torch.rand(1)], [torch.randn(70)],
+                                [torch.randn(70)], 0.99, 0, 3, torch.tensor(2.0), None),
 }
 
 # one bad call per op, and the message every backend must give
@@ -72,12 +75,14 @@ BAD = {
     "overlap_counts": (lambda: ([_words(7, 0), _words(6, 0)],), "overlap_counts"),
     "slerp_stats": (lambda: (torch.randn(40), torch.randn(41), None), "slerp_stats"),
     "slerp_apply": (lambda: (torch.randn(40), torch.randn(40), None, 1.0, 0.0, 0.0, [], [], 3), "slerp_apply"),
+    "importance_ema_": (lambda: ([torch.zeros(70)], [], [torch.randn(70)], [torch.randn(69)], 0.9, 0, 0, None, None),
+                        "importance_ema_: grads[0]"),
 }
 
 
-def _backends():
+def _backends(name=None):
     out = ["torch"]
-    if _ops.extension()[0]:
+    if _ops.extension()[0] and (name is None or _ops.OPS[name].cpp):
         out.append("cpp")
     if _ops.triton_version()[0] is not None and _ops.interpreting():
         out.append("triton")
@@ -101,7 +106,7 @@ def test_every_op_has_one_home_and_exists_after_import():
 def test_opcheck(name, backend):
     """Schema, fake impl and the backend's kernel agree (what torch.compile relies on). The backend
     under test is put on the CPU key for the duration (C++ is there already)."""
-    if backend not in _backends():
+    if backend not in _backends(name):
         pytest.skip(f"{backend} backend not available here: {_ops.OPS[name].why_not(backend, torch.device('cpu'))}")
     op = _ops.OPS[name]
     overload = getattr(torch.ops.cpift, name).default
@@ -118,7 +123,7 @@ def test_opcheck(name, backend):
 def test_bad_input_gives_the_same_message_on_every_backend(name):
     make, expected = BAD[name]
     seen = {}
-    for backend in _backends():
+    for backend in _backends(name):
         with forced(backend), pytest.raises((ValueError, TypeError)) as info:
             getattr(ops, name)(*make())
         seen[backend] = (type(info.value), str(info.value))

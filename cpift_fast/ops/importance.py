@@ -174,6 +174,6 @@ def _fake(state, scales, grads, params, beta, signal, seed, grad_scale, found_in
 importance_ema_ = Op(
     "importance_ema_(Tensor(a!)[] state, Tensor(b!)[] scales, Tensor[] grads, Tensor[] params, float beta, "
     "int signal, int seed, Tensor? grad_scale, Tensor? found_inf) -> ()",
-    check=_check, fake=_fake, reference=_reference, triton_module="importance")
+    check=_check, fake=_fake, reference=_reference, triton_module="importance", cpp=False)
 importance_ema_.__doc__ = """state[i] <- EMA step of signal s(grads[i], params[i]) (see cpift_fast.ops.importance);
 scales: one float32 tensor per uint8 state tensor, in state order."""
