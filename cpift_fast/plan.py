@@ -217,8 +217,9 @@ def memory_plan(model_config, *, world_size: int = 1, sharding: str = "ddp", par
     on its GPU, or in host memory for core, group and fuse; the formulas are in the module docstring.
 
     model_config: a Llama-style ``transformers`` config or ``config.json`` mapping. world_size: the
-    processes of a training stage; sharding: "ddp" (replicated) or "fsdp" (sharded). param_dtype,
-    state_dtype (None: param_dtype): "float32" | "bfloat16" | "float16". batch_size: per GPU;
+    processes of a training stage; sharding: "ddp" (replicated) or "fsdp" (sharded). param_dtype:
+    "float32" | "bfloat16" | "float16"; state_dtype: None (the param dtype) or "float32" (MaskedAdamW's
+    choices). batch_size: per GPU;
     seq_len: tokens per sequence. n_tasks: the core masks group and fuse hold. epi_tasks,
     epi_state ("fp32" | "bf16" | "int8"): EPI importance state. hub_base: the base model is a hub
     model (base holds nothing; core and fuse load it whole) rather than the pretrained tiny model.
@@ -231,7 +232,7 @@ def memory_plan(model_config, *, world_size: int = 1, sharding: str = "ddp", par
     _positive("epi_tasks", epi_tasks, zero_ok=True)
     _choice("sharding", sharding, SHARDING)
     _choice("param_dtype", param_dtype, DTYPE_BYTES)
-    _choice("state_dtype", state_dtype if state_dtype is not None else param_dtype, DTYPE_BYTES)
+    _choice("state_dtype", state_dtype, tuple(dict.fromkeys((None, "float32", param_dtype))))  # MaskedAdamW's
     _choice("attention", attention, ATTENTION)
     _choice("epi_state", epi_state, EPI_STATE_BYTES)
     if isinstance(gpu_gb, bool) or not isinstance(gpu_gb, (int, float)) or not gpu_gb > 0:

@@ -138,6 +138,7 @@ def test_fits_flips_at_gpu_memory():
     (dict(sharding="zero3"), "sharding must be one of ddp, fsdp"),
     (dict(param_dtype="int8"), "param_dtype must be one of"),
     (dict(gpu_gb=0), "gpu_gb must be a positive number"),
+    (dict(param_dtype="float32", state_dtype="bfloat16"), "state_dtype must be one of"),
     (dict(epi_state="fp8"), "epi_state must be one of"),
 ])
 def test_bad_arguments(bad, message):
