@@ -1,4 +1,4 @@
-"""Memory plan: what one GPU holds in each pipeline stage, from the model's config alone.
+"""Memory plan: what one process holds in each pipeline stage, from the model's config alone.
 
 ``memory_plan`` is a pure function of a Llama-style ``transformers`` config (an object or the
 ``config.json`` mapping; no weights are read) and the run settings; ``plan_for_config`` reads those
