@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import os
 from dataclasses import dataclass
 
@@ -21,13 +22,17 @@ from .loaders import LOADERS as REAL_LOADERS
 from .loaders import looks_local
 from .tasks import SYNTHETIC
 
-METHODS = ("full_sft", "ms_random", "ms_user", "cpift")
+METHODS = ("full_sft", "ms_random", "ms_user", "cpift", "epi", "epi_static")
 ORDER_STRATEGIES = ("random", "size", "min_frozen")
 OVERLAP_RULES = ("last", "first", "mean")
 CONSOLIDATE_FREEZE = ("all", "cumulative", "none")
 CONSOLIDATE_MODES = ("multi_stage", "single_stage")
 CHAT_TEMPLATE = ("auto", "never")
 EVALUATORS = ("builtin", "lm_eval")
+EPI_METHODS = ("epi", "epi_static")
+EPI_SIGNALS = ("grad_x_param", "grad_sq", "grad_abs")
+EPI_STATE_DTYPES = ("float32", "bfloat16", "int8")
+EPI_NORMALIZE = ("layer", "none")
 TASK_METRICS = ("exact", "normalized", "gsm8k", "code", "rouge", "judge")
 TASK_KEYS = ("name", "kind", "source", "n_train", "n_test", "fields", "splits", "hub_config", "metric",
              "max_new_tokens", "lm_eval_task")
@@ -50,6 +55,10 @@ DEFAULTS: dict = {
               "freeze": "cumulative",
               "consolidate": {"ratio": 0.1, "epochs": 1.0, "freeze": "all", "mode": "multi_stage",
                               "compare_modes": False}},
+    # EPI (methods epi / epi_static; docs/epi.md): ratio = CPI-FT's p (the same share protected per
+    # task); beta, signal, normalize: the issue's defaults; interval, warmup (optimizer steps): choices
+    "epi": {"ratio": 0.01, "interval": 100, "warmup": 100, "beta": 0.99, "signal": "grad_x_param",
+            "state_dtype": "float32", "normalize": "layer"},
     "methods": ["full_sft", "ms_random", "cpift"],
     "baselines": {"ms_random": {"k": 2}, "ms_user": {"groups": None}},
     "forgetting": {"pairs": [], "epochs": None, "methods": ["full_sft", "multi_stage", "cpift"]},
@@ -150,12 +159,13 @@ class Int(Rule):
 
 @dataclass(frozen=True)
 class Num(Rule):
-    """A finite number in [lo, hi] ((lo, hi] with lo_open). YAML 1.1 reads ``1e-3`` as a string;
-    a string that is a plain float literal is accepted as that number."""
+    """A finite number in [lo, hi] (lo excluded with lo_open, hi with hi_open). YAML 1.1 reads
+    ``1e-3`` as a string; a string that is a plain float literal is accepted as that number."""
 
     lo: float = float("-inf")
     hi: float = float("inf")
     lo_open: bool = False
+    hi_open: bool = False
 
     def check(self, value):
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -166,9 +176,11 @@ class Num(Rule):
             return f"must be a number, got {value!r}"
         if v != v or v in (float("inf"), float("-inf")):
             return f"must be a finite number, got {value!r}"
-        if not (self.lo < v <= self.hi if self.lo_open else self.lo <= v <= self.hi):
+        above = self.lo < v if self.lo_open else self.lo <= v
+        below = v < self.hi if self.hi_open else v <= self.hi
+        if not (above and below):
             return (f"= {value} is out of range: it must be in {'(' if self.lo_open else '['}"
-                    f"{self.lo:g}, {self.hi:g}]")
+                    f"{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}")
         return None
 
 
@@ -239,6 +251,9 @@ RULES: dict[str, Rule] = {
     "baselines.ms_random.k": Int(1),
     "forgetting.epochs": Optional(Num(0, 1e9, lo_open=True)),
     "eval.batch_size": Int(1),
+    "epi.ratio": Num(0, 1, lo_open=True), "epi.interval": Int(1), "epi.warmup": Int(0),
+    "epi.beta": Num(0, 1, hi_open=True), "epi.signal": Choice(EPI_SIGNALS),
+    "epi.state_dtype": Choice(EPI_STATE_DTYPES), "epi.normalize": Choice(EPI_NORMALIZE),
 }
 
 
@@ -335,6 +350,19 @@ def _check_model(model: dict) -> None:
                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 
 
+def _check_epi_warmup(cfg: dict, tasks: list[TaskSpec]) -> None:
+    """epi.warmup must leave steps after the first mask: the EPI stage takes ceil(train.epochs × Σ_t
+    ceil(n_t / batch_size)) optimizer steps (one task per batch; n_t = the task's n_train, an upper
+    bound for real data: the training stage checks the exact count again)."""
+    batch_size = cfg["train"]["batch_size"]
+    steps = max(1, math.ceil(float(cfg["train"]["epochs"]) * sum(math.ceil(t.n_train / batch_size) for t in tasks)))
+    warmup = cfg["epi"]["warmup"]
+    if warmup >= steps:
+        raise ConfigError(f"epi.warmup = {warmup} must be below the EPI training stage's {steps} optimizer steps "
+                          f"(train.epochs × one batch per {batch_size} examples of each task): no mask would "
+                          f"ever be in force")
+
+
 def validate(raw: dict) -> Config:
     """Merge `raw` over the defaults and check everything; raise ConfigError with a clear message."""
     if not isinstance(raw, dict):
@@ -369,6 +397,8 @@ def validate(raw: dict) -> Config:
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method {m!r} (valid: {', '.join(METHODS)})")
+    if set(methods) & set(EPI_METHODS):
+        _check_epi_warmup(cfg, tasks)
     k = cfg["baselines"]["ms_random"]["k"]
     if not isinstance(k, int) or not 1 <= k <= len(tasks):
         raise ConfigError(f"baselines.ms_random.k must be an integer in [1, {len(tasks)}] (the number of tasks), got {k!r}")
@@ -454,7 +484,9 @@ DEMO: dict = {
     "cpift": {"p": 0.01, "tau": 0.1, "order": "random", "t": 0.5,
               "consolidate": {"ratio": 0.1, "epochs": 1.0, "freeze": "all", "mode": "multi_stage",
                               "compare_modes": True}},
-    "methods": ["full_sft", "ms_random", "ms_user", "cpift"],
+    "epi": {"ratio": 0.01, "interval": 16, "warmup": 16, "beta": 0.99, "signal": "grad_x_param",
+            "state_dtype": "float32", "normalize": "layer"},
+    "methods": ["full_sft", "ms_random", "ms_user", "cpift", "epi", "epi_static"],
     "baselines": {"ms_random": {"k": 2}, "ms_user": {"groups": [["shift", "unshift"], ["mirror", "upper"]]}},
     "forgetting": {"pairs": [["shift", "unshift"]], "methods": ["full_sft", "multi_stage", "cpift"]},
 }

@@ -10,9 +10,13 @@ and what is frozen:
     ms_user     multi-stage SFT over user-given groups, in the given order
     cpift       probes → cores → groups → multi-stage SFT freezing earlier groups' cores
                 → fuse (core transplant + SLERP) → consolidation with the cores frozen
+    epi         one multi-task SFT with task-homogeneous batches; per-task importance EMAs; each
+                task's mask (top epi.ratio) refreshed every epi.interval steps after epi.warmup; a
+                task-t step freezes the other tasks' masks minus t's own (docs/epi.md)
+    epi_static  the same with the masks computed once, at epi.warmup (the CPI-FT-style ablation)
 
-``METHODS`` is a registry (``register``): a new method (e.g. EPI) adds one entry with its label
-and the function that returns its final model stage; config, driver and report read the registry.
+``METHODS`` is a registry (``register``): a new method adds one entry with its label and the
+function that returns its final model stage; config, driver and report read the registry.
 
 Forgetting (Table 2), for a pair (A, B) in both directions: start from the model trained on A
 (probe A) and add task B with the probe budget —
@@ -33,7 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .run import StageOut
-from .stages import Env, consolidate_stages, core_stage, fuse_stage, group_stage, load_json, probe_stage, sft_stage
+from .stages import (Env, consolidate_stages, core_stage, epi_stage, fuse_stage, group_stage, load_json, probe_stage,
+                     sft_stage)
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,16 @@ def cpift_parts(env: Env, base: StageOut) -> tuple[StageOut, StageOut, list[list
 def cpift(env: Env, base: StageOut) -> StageOut:
     fused, core, order = cpift_parts(env, base)
     return consolidate_stages(env, "cpift", fused, core, order)
+
+
+@register("epi", "EPI (evolving masks)")
+def epi(env: Env, base: StageOut) -> StageOut:
+    return epi_stage(env, "epi", base, "evolving")
+
+
+@register("epi_static", "EPI, static masks (ablation)")
+def epi_static(env: Env, base: StageOut) -> StageOut:
+    return epi_stage(env, "epi_static", base, "static")
 
 
 def cpift_consolidation_modes(env: Env, base: StageOut) -> dict[str, StageOut]:

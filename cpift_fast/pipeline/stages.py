@@ -5,6 +5,7 @@
     core         core region of each task: top p of |θ_T − θ_0| over the whole model
     group        Jaccard matrix of the cores, groups (connected components of J ≥ τ), stage order
     <m>/stageK   SFT on the tasks of group K; optionally frozen: the union of earlier groups' cores
+    epi/train, epi_static/train   EPI: multi-task SFT with per-task importance masks (drift.json)
     cpift/fuse   backbone = last stage; core transplant from each probe; SLERP for the rest
     cpift/consolidate   light SFT on a sampled mix with the cores frozen
     forgetting/A_then_B/<m>   start from probe A, add task B with method m (methods.py)
@@ -20,7 +21,7 @@ import json
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 
 import torch
@@ -36,9 +37,10 @@ from .run import Run, StageOut
 from .judge import Judge
 from .loaders import LOADERS
 from .tasks import Task, make_synthetic, pretraining_mix
-from .train import TrainSpec, train
+from .train import EpiSpec, TrainSpec, train
 
 SOURCE_FILE = "source.json"
+DRIFT_FILE = "drift.json"
 # core share per layer: numbered blocks, and embeddings / head / final norm each on their own
 LAYER_PATTERN = r"(?:(?:layers|layer|h|blocks|block)\.\d+|embed\w*|wte|wpe|lm_head|ln_f|norm)"
 
@@ -184,6 +186,34 @@ def sft_stage(env: Env, key: str, kind: str, init: StageOut, examples_of: list[s
         return info
 
     return env.run.stage(key, kind, params, deps, fn, seed=env.seed)
+
+
+def epi_stage(env: Env, method: str, init: StageOut, policy: str) -> StageOut:
+    """EPI (docs/epi.md) from the model of `init`: multi-task SFT over every task for train.epochs,
+    task-homogeneous batches, per-task importance masks under `policy` ("evolving" | "static").
+    Writes the checkpoint, loss.json and drift.json: {"settings", "steps", "state_bytes", "log"},
+    the log holding one record per task per refresh (EvolvingIsolation.log)."""
+    names = env.cfg.task_names
+    epochs = float(env.cfg["train"]["epochs"])
+    e = env.cfg["epi"]
+    epi = EpiSpec(policy=policy, ratio=float(e["ratio"]), interval=int(e["interval"]), warmup=int(e["warmup"]),
+                  beta=float(e["beta"]), signal=e["signal"], state_dtype=e["state_dtype"], normalize=e["normalize"])
+    key = env.key(method, "train")
+    params = {"data": env.data_params(names), "epochs": epochs, "model": env.cfg["model"]["dtype"], "epi": asdict(epi)}
+
+    def fn(out):
+        model, tok = load_model(init, env.cfg["model"]["dtype"])
+        data = [ex for n in names for ex in env.tasks[n].train]
+        tasks = [n for n in names for _ in env.tasks[n].train]
+        result = train(model, tok, data, env.spec(epochs), seed=env.seed, desc=key, progress=env.progress, epi=epi,
+                       tasks=tasks)
+        info = _save_trained(model, tok, out, result)
+        _dump({"settings": asdict(epi), "steps": result["steps"], "state_bytes": result["state_bytes"],
+               "log": result["drift"]}, os.path.join(out, DRIFT_FILE))
+        info.update(tasks=names, refreshes=len({r["step"] for r in result["drift"]}), state_bytes=result["state_bytes"])
+        return info
+
+    return env.run.stage(key, "stages", params, [init], fn, seed=env.seed)
 
 
 def probe_stage(env: Env, base: StageOut, task: str) -> StageOut:
