@@ -25,8 +25,8 @@ Importance is non-negative: state holding negative values is outside the contrac
 non-finite grads with 8-bit state (fp32 / bf16 state carry Inf and NaN through). A nonzero
 ``found_inf`` (GradScaler saw inf/NaN) leaves every state and scale untouched.
 
-Backends: Triton (kernels/importance.py) on CUDA; on CPU (and elsewhere) the reference below — there
-is no C++ kernel yet.
+Backends: C++ (csrc/importance.cpp) on CPU, Triton (kernels/importance.py) on CUDA, the reference
+below elsewhere; all three store the same bits.
 """
 
 from __future__ import annotations
@@ -174,6 +174,6 @@ def _fake(state, scales, grads, params, beta, signal, seed, grad_scale, found_in
 importance_ema_ = Op(
     "importance_ema_(Tensor(a!)[] state, Tensor(b!)[] scales, Tensor[] grads, Tensor[] params, float beta, "
     "int signal, int seed, Tensor? grad_scale, Tensor? found_inf) -> ()",
-    check=_check, fake=_fake, reference=_reference, triton_module="importance", cpp=False)
+    check=_check, fake=_fake, reference=_reference, triton_module="importance")
 importance_ema_.__doc__ = """state[i] <- EMA step of signal s(grads[i], params[i]) (see cpift_fast.ops.importance);
 scales: one float32 tensor per uint8 state tensor, in state order."""

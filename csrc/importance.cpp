@@ -1,0 +1,163 @@
+// Importance EMA (EPI): the CPU kernel of cpift::importance_ema_. The math, the state formats and the
+// random stream are the op's (cpift_fast/ops/importance.py), operation for operation, so this kernel,
+// the reference and the Triton kernel store the same bits:
+//   g = fp32(grad) [/ grad_scale];  s = |g·θ| | g·g | |g|;  x = fp32(β)·I + fp32(1 − β)·s  (no FMA)
+//   fp32 state: x;  bf16 state: (bits(x) + r16) with the low 16 bits dropped (stochastic rounding);
+//   uint8 state: per block of 256, step = max(x) / 255, q = min(floor(x / step + u), 255).
+// Work is split over (tensor, 256-element block) pairs of all tensors at once: many small tensors
+// use every core as well as one large tensor does.
+#include "common.h"
+
+#include <algorithm>
+#include <type_traits>
+#include <cmath>
+#include <vector>
+
+namespace cpift {
+namespace {
+
+constexpr int64_t kQBlock = 256;  // elements per scale of the 8-bit state (ops/importance.py QBLOCK)
+
+inline uint32_t hash32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x1B873593u;
+  return x ^ (x >> 16);
+}
+
+inline uint32_t tensor_seed(uint32_t seed, int64_t i) { return hash32(seed ^ hash32(static_cast<uint32_t>(i + 1))); }
+
+inline uint32_t random_bits(uint32_t stream, int64_t j) {
+  const uint64_t u = static_cast<uint64_t>(j);
+  return hash32(static_cast<uint32_t>(u) ^ stream ^ hash32(static_cast<uint32_t>(u >> 32)));
+}
+
+struct EmaConsts {
+  float beta, rest, grad_scale;
+  bool has_scale;
+  int64_t signal;
+};
+
+inline float signal_of(float g, float p, int64_t signal) {
+  if (signal == 0) return std::fabs(g * p);
+  if (signal == 1) return g * g;
+  return std::fabs(g);
+}
+
+template <typename P>
+inline float ema_value(const P* g, const P* p, int64_t j, float old, const EmaConsts& c) {
+  float gj = widen<P>(g[j]);
+  if (c.has_scale) gj = gj / c.grad_scale;
+  const float s = signal_of(gj, widen<P>(p[j]), c.signal);
+  const float a = old * c.beta;
+  const float b = s * c.rest;
+  return a + b;
+}
+
+// Elements [begin, end) of one tensor with float32 or bfloat16 state.
+template <typename P, typename S>
+void ema_float_block(S* state, const P* g, const P* p, int64_t begin, int64_t end, uint32_t stream,
+                     const EmaConsts& c) {
+  for (int64_t j = begin; j < end; ++j) {
+    const float x = ema_value<P>(g, p, j, widen<S>(state[j]), c);
+    if constexpr (std::is_same_v<S, float>) {
+      state[j] = x;
+    } else {
+      const uint32_t bits = (f32_bits(x) + (random_bits(stream, j) >> 16)) & 0xFFFF0000u;
+      state[j] = c10::BFloat16(std::isnan(x) ? uint16_t{0x7FC0} : static_cast<uint16_t>(bits >> 16),
+                               c10::BFloat16::from_bits());
+    }
+  }
+}
+
+// Block b of one tensor with 8-bit state: codes and its step.
+template <typename P>
+void ema_uint8_block(uint8_t* q, float* scales, const P* g, const P* p, int64_t b, int64_t n, uint32_t stream,
+                     const EmaConsts& c) {
+  const int64_t begin = b * kQBlock, end = std::min(n, begin + kQBlock);
+  float x[kQBlock];
+  const float old_step = scales[b];
+  float top = end - begin < kQBlock ? 0.0f : -INFINITY;  // a short block's padding holds zeros
+  for (int64_t j = begin; j < end; ++j) {
+    const float v = ema_value<P>(g, p, j, static_cast<float>(q[j]) * old_step, c);
+    x[j - begin] = v;
+    top = std::max(top, v);
+  }
+  const float step = top / 255.0f;
+  const float safe = step > 0.0f ? step : 1.0f;
+  for (int64_t j = begin; j < end; ++j) {
+    const float u = static_cast<float>(random_bits(stream, j) >> 8) * 0x1p-24f;
+    const float y = std::floor(x[j - begin] / safe + u);
+    q[j] = step > 0.0f ? static_cast<uint8_t>(std::min(std::max(y, 0.0f), 255.0f)) : uint8_t{0};
+  }
+  scales[b] = step;
+}
+
+template <typename P>
+void ema_tensor_range(const at::Tensor& state, float* scales, const P* g, const P* p, int64_t n, int64_t b0,
+                      int64_t b1, uint32_t stream, const EmaConsts& c) {
+  if (state.scalar_type() == at::kByte) {
+    uint8_t* q = state.data_ptr<uint8_t>();
+    for (int64_t b = b0; b < b1; ++b) ema_uint8_block<P>(q, scales, g, p, b, n, stream, c);
+    return;
+  }
+  const int64_t begin = b0 * kQBlock, end = std::min(n, b1 * kQBlock);
+  if (state.scalar_type() == at::kFloat)
+    ema_float_block<P, float>(state.data_ptr<float>(), g, p, begin, end, stream, c);
+  else
+    ema_float_block<P, c10::BFloat16>(state.data_ptr<c10::BFloat16>(), g, p, begin, end, stream, c);
+}
+
+void importance_ema_(at::TensorList state, at::TensorList scales, at::TensorList grads, at::TensorList params,
+                     double beta, int64_t signal, int64_t seed, const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf) {
+  if (found_inf.has_value() && found_inf->item<float>() != 0.0f) return;  // GradScaler's skipped step
+  EmaConsts c{static_cast<float>(beta), static_cast<float>(1.0 - beta), 1.0f, grad_scale.has_value(), signal};
+  if (c.has_scale) c.grad_scale = grad_scale->to(at::kFloat).item<float>();
+  const int64_t T = static_cast<int64_t>(params.size());
+  std::vector<at::Tensor> g(T);
+  std::vector<float*> sc(T, nullptr);
+  std::vector<int64_t> first(T + 1, 0);  // first[i]: index of tensor i's first block in the work list
+  int64_t k = 0;
+  for (int64_t i = 0; i < T; ++i) {
+    TORCH_CHECK(params[i].device().is_cpu() && state[i].device().is_cpu(),
+                "importance_ema_: the C++ kernel runs CPU tensors");
+    g[i] = grads[i].contiguous();
+    if (state[i].scalar_type() == at::kByte) sc[i] = scales[k++].data_ptr<float>();
+    first[i + 1] = first[i] + (params[i].numel() + kQBlock - 1) / kQBlock;
+  }
+  const std::vector<at::Tensor> p(params.begin(), params.end());
+  std::vector<at::Tensor> pc(T);
+  for (int64_t i = 0; i < T; ++i) pc[i] = p[i].contiguous();
+  at::parallel_for(0, first[T], 64, [&](int64_t w0, int64_t w1) {
+    int64_t i = std::upper_bound(first.begin(), first.end(), w0) - first.begin() - 1;
+    for (int64_t w = w0; w < w1; ++i) {
+      const int64_t stop = std::min(w1, first[i + 1]);
+      if (stop > w) {
+        const int64_t n = pc[i].numel(), b0 = w - first[i], b1 = stop - first[i];
+        const uint32_t stream = tensor_seed(static_cast<uint32_t>(seed), i);
+        switch (pc[i].scalar_type()) {
+          case at::kFloat:
+            ema_tensor_range<float>(state[i], sc[i], g[i].data_ptr<float>(), pc[i].data_ptr<float>(), n, b0, b1,
+                                    stream, c);
+            break;
+          case at::kBFloat16:
+            ema_tensor_range<c10::BFloat16>(state[i], sc[i], g[i].data_ptr<c10::BFloat16>(),
+                                            pc[i].data_ptr<c10::BFloat16>(), n, b0, b1, stream, c);
+            break;
+          default:
+            ema_tensor_range<c10::Half>(state[i], sc[i], g[i].data_ptr<c10::Half>(), pc[i].data_ptr<c10::Half>(), n,
+                                        b0, b1, stream, c);
+        }
+      }
+      w = std::max(w, stop);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cpift
+
+// Schema in cpift_fast/ops/importance.py (Python); this file registers only the CPU kernel.
+TORCH_LIBRARY_IMPL(cpift, CPU, m) { m.impl("importance_ema_", &cpift::importance_ema_); }
