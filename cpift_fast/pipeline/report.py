@@ -5,7 +5,9 @@ Contents: the results table (methods × tasks, like the paper's Table 1; mean ±
 stated), the seesaw measurement (joint Full SFT against each task's single-task probe), the
 consolidation modes (Table 3), the groups and the core-overlap heatmap, the core share per layer,
 loss curves per stage, the forgetting table (Table 2: A→B and B→A, drop on A and gain on B per
-method), and the time spent per stage.
+method), EPI's mask drift (from the drift.json of its training stage: Jaccard of each task's mask
+with the previous and with the first one per refresh, protected / released counts), and the time
+spent per stage.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 from collections import defaultdict
 
 from ..io import honour_umask
-from .config import Config
+from .config import EPI_METHODS, Config
 from .methods import CONSOLIDATION_LABELS, FORGETTING_LABELS, LABELS, METHODS
 
 
@@ -67,9 +69,15 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _averages(results: dict) -> dict[str, float]:
+    """{method: mean over seeds of its Avg (0-10)} (base and probe left out)."""
+    return {key: _mean_std(avg)[0] for key, _, avg in results_rows(results) if key not in ("base", "probe")}
+
+
 def verdict(results: dict) -> str | None:
-    """One line: CPI-FT's average next to the best baseline's (mean over seeds, 0-10 scale)."""
-    avgs = {key: _mean_std(avg)[0] for key, _, avg in results_rows(results) if key not in ("base", "probe")}
+    """One line: CPI-FT's average next to the best baseline's (mean over seeds, 0-10 scale; the EPI
+    methods are compared in epi_verdict, not counted as baselines)."""
+    avgs = {k: v for k, v in _averages(results).items() if k not in EPI_METHODS}
     if "cpift" not in avgs or len(avgs) < 2:
         return None
     best = max((k for k in avgs if k != "cpift"), key=avgs.get)
@@ -77,6 +85,43 @@ def verdict(results: dict) -> str | None:
     word = "above" if diff > 0 else "below" if diff < 0 else "level with"
     return (f"CPI-FT averages {avgs['cpift']:.2f}/10, {abs(diff):.2f} {word} the best baseline here, "
             f"{LABELS.get(best, best)} ({avgs[best]:.2f}/10).")
+
+
+def epi_verdict(results: dict) -> str | None:
+    """One line: EPI's average, its static-mask ablation's and CPI-FT's / Full SFT's where they ran."""
+    avgs = _averages(results)
+    if not any(m in avgs for m in EPI_METHODS):
+        return None
+    parts = [f"{LABELS[m]} averages {avgs[m]:.2f}/10" for m in EPI_METHODS if m in avgs]
+    if all(m in avgs for m in EPI_METHODS):
+        parts.append(f"evolving − static: {avgs['epi'] - avgs['epi_static']:+.2f}")
+    others = [f"{LABELS[m]} {avgs[m]:.2f}/10" for m in ("cpift", "full_sft") if m in avgs]
+    return "; ".join(parts) + (f" (for reference: {', '.join(others)})." if others else ".")
+
+
+def read_drift(root: str, seed: int) -> dict[str, dict]:
+    """{method: its drift.json} for the EPI methods that ran for `seed`."""
+    out = {}
+    for m in EPI_METHODS:
+        path = os.path.join(root, f"seed{seed}", m, "train", "drift.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                out[m] = json.load(f)
+    return out
+
+
+def drift_table(drift: dict) -> str:
+    """Per refresh (rows) and task (columns): protected / released (added) of one drift.json."""
+    tasks = list(dict.fromkeys(r["task"] for r in drift["log"]))
+    by_step = defaultdict(dict)
+    for r in drift["log"]:
+        by_step[r["step"]][r["task"]] = r
+    lines = ["| step | " + " | ".join(tasks) + " | J prev (mean) |", "|---:|" + "---:|" * (len(tasks) + 1)]
+    for k, (step, recs) in enumerate(sorted(by_step.items())):
+        cells = [f"{recs[t]['protected']} / {recs[t]['released']} (+{recs[t]['added']})" for t in tasks]
+        jprev = f"{sum(recs[t]['jaccard_prev'] for t in tasks) / len(tasks):.3f}" if k else "–"  # no previous mask
+        lines.append(f"| {step} | " + " | ".join(cells) + f" | {jprev} |")
+    return "\n".join(lines)
 
 
 def seesaw(results: dict) -> dict | None:
@@ -232,6 +277,30 @@ def _plots(results: dict, root: str, seed: int) -> dict[str, str]:
         _savefig(fig, os.path.join(root, "core_share.png"))
         plt.close(fig)
         made["core_share"] = "core_share.png"
+    # EPI: mask drift per task (Jaccard with the previous / the first mask), released per refresh
+    drift = read_drift(root, seed).get("epi")
+    if drift and drift["log"]:
+        tasks = list(dict.fromkeys(r["task"] for r in drift["log"]))
+        fig, axes = plt.subplots(1, 3, figsize=(11, 3.0))
+        for t in tasks:
+            recs = [r for r in drift["log"] if r["task"] == t]
+            steps = [r["step"] for r in recs]
+            axes[0].plot(steps[1:], [r["jaccard_prev"] for r in recs[1:]], marker="o", ms=3, label=t)  # 1st: no previous
+            axes[1].plot(steps, [r["jaccard_first"] for r in recs], marker="o", ms=3, label=t)
+            axes[2].plot(steps, [r["released"] for r in recs], marker="o", ms=3, label=f"{t} released")
+            axes[2].plot(steps, [r["protected"] for r in recs], ls=":", color=axes[2].lines[-1].get_color(),
+                         label=f"{t} protected")
+        for ax, title in zip(axes, ("Jaccard with the previous mask", "Jaccard with the first mask",
+                                    "elements per task mask")):
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("optimizer step (refresh)")
+        axes[0].set_ylim(-0.02, 1.02)
+        axes[1].set_ylim(-0.02, 1.02)
+        axes[0].legend(fontsize=6)
+        axes[2].legend(fontsize=5, ncol=2)
+        _savefig(fig, os.path.join(root, "epi_drift.png"))
+        plt.close(fig)
+        made["epi_drift"] = "epi_drift.png"
     # loss curves per stage
     curves = _loss_curves(root, sroot)
     if curves:
@@ -294,6 +363,32 @@ def _tiny_on_real_data_note(cfg: Config) -> list[str]:
             "about CPI-FT. Use a real pretrained model (e.g. configs/paper-llama2-7b.yaml) for that.", ""]
 
 
+def _epi_section(cfg: Config, results: dict, root: str, seed: int, plots: dict) -> list[str]:
+    """The report's EPI section (settings, drift plot and table of `seed`), or nothing without EPI."""
+    drift = read_drift(root, seed)
+    if not drift:
+        return []
+    e = cfg["epi"]
+    out = ["## EPI: importance drift", "",
+           f"Settings: mask ratio {e['ratio']}, refresh every {e['interval']} steps from step {e['warmup']} (static "
+           f"ablation: once, at step {e['warmup']}), EMA β = {e['beta']}, signal {e['signal']}, state "
+           f"{e['state_dtype']}, normalization {e['normalize']} (docs/epi.md). Seed {seed}."]
+    for m, d in drift.items():
+        refreshes = sorted({r["step"] for r in d["log"]})
+        out.append(f"- {LABELS[m]}: {d['steps']} steps, {len(refreshes)} refresh(es), importance state "
+                   f"{d['state_bytes'] / 1024:.1f} KiB")
+    if "epi" in drift and drift["epi"]["log"]:
+        out += ["", "Each task's mask per refresh: protected (|M_t|) / released (left M_t since the previous "
+                "refresh) and (+added); the last column is the mean Jaccard with the previous mask over the tasks. "
+                "A task without steps before a refresh has an empty mask there (Jaccard 0).", "",
+                drift_table(drift["epi"]), ""]
+    if "epi_drift" in plots:
+        out += [f"![EPI mask drift]({plots['epi_drift']})", ""]
+    if "epi_static" in drift and drift["epi_static"]["log"]:
+        out += ["Static ablation, masks fixed at its only refresh:", "", drift_table(drift["epi_static"]), ""]
+    return out + [""]
+
+
 def write_report(cfg: Config, results: dict) -> str:
     """Write report.md (+ PNGs) into the run directory; print the one-screen summary; return the path."""
     root = results["run_dir"]
@@ -319,9 +414,9 @@ def write_report(cfg: Config, results: dict) -> str:
               "mean normalized task score. The single-task probe row is a reference (one model per task), not a "
               "method.", "",
               results_table(results), ""]
-    line = verdict(results)
-    if line:
-        lines += [line, ""]
+    for line in (verdict(results), epi_verdict(results)):
+        if line:
+            lines += [line, ""]
     mlines = metric_lines(results)
     if mlines:
         lines += ["Metrics and their normalization:", ""] + mlines + [""]
@@ -359,6 +454,7 @@ def write_report(cfg: Config, results: dict) -> str:
                   "Full SFT trains every parameter on B; Multi-Stage trains on B with A's core frozen; CPI-FT adds "
                   "fusion with both probes and the consolidation (cores frozen). Drop on A = A before − A after; "
                   "gain on B = B after − B before (B on the model trained on A).", "", ft, ""]
+    lines += _epi_section(cfg, results, root, seeds[0], plots)
     if "loss_curves" in plots:
         lines += ["## Loss curves per stage", "", f"![loss curves]({plots['loss_curves']})", ""]
     lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---:|"]
@@ -377,9 +473,9 @@ def summary(cfg: Config, results: dict, path: str) -> str:
     bar = "=" * 78
     out = [bar, f"CPI-FT run '{cfg.name}': {len(results['seeds'])} seed(s), {results['seconds']:.0f} s", "",
            results_table(results).replace("**", ""), ""]
-    line = verdict(results)
-    if line:
-        out += [line, ""]
+    for line in (verdict(results), epi_verdict(results)):
+        if line:
+            out += [line, ""]
     out += [x for x in seesaw_lines(results)] + ([""] if seesaw_lines(results) else [])
     ct = consolidation_table(results)
     if ct:
