@@ -28,10 +28,13 @@ inline uint32_t hash32(uint32_t x) {
 
 inline uint32_t tensor_seed(uint32_t seed, int64_t i) { return hash32(seed ^ hash32(static_cast<uint32_t>(i + 1))); }
 
-inline uint32_t random_bits(uint32_t stream, int64_t j) {
-  const uint64_t u = static_cast<uint64_t>(j);
-  return hash32(static_cast<uint32_t>(u) ^ stream ^ hash32(static_cast<uint32_t>(u >> 32)));
+// hash32(lo32(j) ^ stream ^ hash32(hi32(j))): `key` = stream ^ hash32(hi32(j)) is the same for all
+// elements of a 256-block (2^32 is a multiple of 256), so a block computes it once.
+inline uint32_t block_key(uint32_t stream, int64_t j) {
+  return stream ^ hash32(static_cast<uint32_t>(static_cast<uint64_t>(j) >> 32));
 }
+
+inline uint32_t random_bits(uint32_t key, int64_t j) { return hash32(static_cast<uint32_t>(j) ^ key); }
 
 struct EmaConsts {
   float beta, rest, grad_scale;
@@ -55,18 +58,19 @@ inline float ema_value(const P* g, const P* p, int64_t j, float old, const EmaCo
   return a + b;
 }
 
-// Elements [begin, end) of one tensor with float32 or bfloat16 state.
+// Elements [begin, end) of one tensor with float32 or bfloat16 state; [begin, end) lies in one 256-block.
 template <typename P, typename S>
 void ema_float_block(S* state, const P* g, const P* p, int64_t begin, int64_t end, uint32_t stream,
                      const EmaConsts& c) {
+  const uint32_t key = block_key(stream, begin);
   for (int64_t j = begin; j < end; ++j) {
     const float x = ema_value<P>(g, p, j, widen<S>(state[j]), c);
     if constexpr (std::is_same_v<S, float>) {
       state[j] = x;
     } else {
-      const uint32_t bits = (f32_bits(x) + (random_bits(stream, j) >> 16)) & 0xFFFF0000u;
-      state[j] = c10::BFloat16(std::isnan(x) ? uint16_t{0x7FC0} : static_cast<uint16_t>(bits >> 16),
-                               c10::BFloat16::from_bits());
+      const uint32_t rounded = ((f32_bits(x) + (random_bits(key, j) >> 16)) & 0xFFFF0000u) >> 16;
+      const uint16_t bits = std::isnan(x) ? uint16_t{0x7FC0} : static_cast<uint16_t>(rounded);
+      state[j] = c10::BFloat16(bits, c10::BFloat16::from_bits());
     }
   }
 }
@@ -86,8 +90,9 @@ void ema_uint8_block(uint8_t* q, float* scales, const P* g, const P* p, int64_t 
   }
   const float step = top / 255.0f;
   const float safe = step > 0.0f ? step : 1.0f;
+  const uint32_t key = block_key(stream, begin);
   for (int64_t j = begin; j < end; ++j) {
-    const float u = static_cast<float>(random_bits(stream, j) >> 8) * 0x1p-24f;
+    const float u = static_cast<float>(random_bits(key, j) >> 8) * 0x1p-24f;
     const float y = std::floor(x[j - begin] / safe + u);
     q[j] = step > 0.0f ? static_cast<uint8_t>(std::min(std::max(y, 0.0f), 255.0f)) : uint8_t{0};
   }
@@ -102,11 +107,13 @@ void ema_tensor_range(const at::Tensor& state, float* scales, const P* g, const 
     for (int64_t b = b0; b < b1; ++b) ema_uint8_block<P>(q, scales, g, p, b, n, stream, c);
     return;
   }
-  const int64_t begin = b0 * kQBlock, end = std::min(n, b1 * kQBlock);
-  if (state.scalar_type() == at::kFloat)
-    ema_float_block<P, float>(state.data_ptr<float>(), g, p, begin, end, stream, c);
-  else
-    ema_float_block<P, c10::BFloat16>(state.data_ptr<c10::BFloat16>(), g, p, begin, end, stream, c);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t begin = b * kQBlock, end = std::min(n, begin + kQBlock);
+    if (state.scalar_type() == at::kFloat)
+      ema_float_block<P, float>(state.data_ptr<float>(), g, p, begin, end, stream, c);
+    else
+      ema_float_block<P, c10::BFloat16>(state.data_ptr<c10::BFloat16>(), g, p, begin, end, stream, c);
+  }
 }
 
 void importance_ema_(at::TensorList state, at::TensorList scales, at::TensorList grads, at::TensorList params,
