@@ -4,7 +4,8 @@ Checked up front: every scalar setting against its rule in ``RULES`` (type, rang
 run or task name must be a plain directory name, so no path leaves the runs directory), unknown
 keys (with the closest valid one), unknown tasks, missing data files,
 p / τ / t / ratios out of range, unknown methods or stage-order strategies, user groups that do
-not partition the tasks, and a model that is neither ``tiny``, an existing local directory, nor
+not partition the tasks, EPI settings (``epi:``; a warmup that leaves the EPI stage no step after
+its first masks), and a model that is neither ``tiny``, an existing local directory, nor
 resolvable on the hub.
 """
 
