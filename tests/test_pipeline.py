@@ -278,7 +278,7 @@ def test_training_with_an_optimizer_that_ignores_the_mask_is_caught(monkeypatch)
     bools["lm_head.weight"][:] = True
     mask = ParamMask.from_bool(bools)
 
-    def plain_adamw(params, lr, betas, eps, weight_decay, frozen=None):
+    def plain_adamw(params, lr, betas, eps, weight_decay, frozen=None, importance=None):
         return torch.optim.AdamW([p for _, p in params], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
 
     spec = train_mod.TrainSpec(epochs=1.0, batch_size=16, max_len=24)
