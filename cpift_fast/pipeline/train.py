@@ -156,8 +156,8 @@ def train(model, tok, examples: list[Example], spec: TrainSpec, *, frozen: Param
         off); with EPI it runs after the isolation callback has put the step's frozen set in force."""
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
-            if spec.max_grad_norm > 0:
-                clip_trainable_grads_(named, opt.frozen_mask(), spec.max_grad_norm)
+            if spec.max_grad_norm > 0:  # EPI: the step's frozen set; otherwise the stage's mask
+                clip_trainable_grads_(named, opt.frozen_mask() if epi is not None else frozen, spec.max_grad_norm)
 
     class _StepGuard(TrainerCallback):
         """EPI: the frozen set in force for a step is bit-identical after it (FreezeGuard per step)."""
