@@ -1,7 +1,7 @@
 """EPI's evolving isolation: per-task masks from the importance EMA, refreshed during training.
 
-Every ``interval`` optimizer steps from ``warmup`` on (policy "evolving"; "static": once, at
-``warmup``; "none": never) each task's mask ``M_t`` is recomputed as the exact top-``ratio`` of its
+Every ``interval`` optimizer steps from ``warmup`` on (policy "evolving"; "static": see below;
+"none": never) each task's mask ``M_t`` is recomputed as the exact top-``ratio`` of its
 layer-normalized importance (:meth:`ImportanceTracker.select`). On a task-t step the frozen set is
 
     F_t = (∪_{s≠t} M_s) \\ M_t
@@ -13,10 +13,19 @@ at a refresh, elements that leave some task's frozen set (``∪_t F_t,old \\ F_t
 moments zeroed when the optimizer's ``reset_on_unfreeze`` is set, as MaskedAdamW does for any
 element that becomes trainable.
 
+"static" computes every task's mask once, after step ``warmup``. A task with no update by then has
+zero importance and an empty mask; it gets its mask, once, at the first later point of the
+evolving schedule (``warmup + k·interval``) by which it has had an update, and the masks of the
+other tasks are never recomputed. So every task is protected once it has trained, and no mask that
+exists is ever refreshed.
+
 Each refresh appends one record per task to ``log``: ``protected`` |M_t|, ``kept`` |M_t,old ∩ M_t|,
 ``added`` |M_t \\ M_t,old|, ``released`` |M_t,old \\ M_t| (protected = kept + added, the previous
-protected = kept + released), ``frozen`` |F_t|, and the Jaccard of M_t with the previous and with
-the first mask (two empty masks: 0) — the drift curve.
+protected = kept + released), ``frozen`` |F_t|, ``jaccard_prev`` the Jaccard of M_t with the previous
+mask (two empty masks: 0), ``jaccard_first`` the Jaccard with the task's first non-empty mask (None
+while the task has had none) — the drift curve — and ``applied``: False when the refresh is
+logged, set True by the next :meth:`before_step` (the refresh's masks are then in force); a refresh
+after the last step of training keeps ``applied`` False (its masks were never used).
 
 Use it as a plain hook (:meth:`EvolvingIsolation.before_step` after backward, :meth:`after_step`
 after ``optimizer.step()``) or in a ``transformers.Trainer`` through :func:`trainer_callback`. The
@@ -71,10 +80,12 @@ class EvolvingIsolation:
         self.policy = policy
         self.step = 0  # optimizer steps taken
         self.masks: dict[str, ParamMask] | None = None
-        self.first: dict[str, ParamMask] | None = None
+        self.first: dict[str, ParamMask] = {}  # each task's first non-empty mask
         self.frozen: dict[str, ParamMask] | None = None
         self.log: list[dict] = []
         self._applied: str | None = None  # the task whose frozen set the optimizer holds
+        self._pending: list[dict] = []  # the last refresh's log records, until a step uses its masks
+        self._sizes: dict[str, int] = {}  # |M_t| at the last refresh
 
     # ----- hook --------------------------------------------------------------------------------
 
@@ -83,6 +94,9 @@ class EvolvingIsolation:
         updates the task's importance EMA (unless the optimizer does it in its step: a MaskedAdamW
         constructed with ``importance=tracker``) and puts the task's frozen set in force."""
         self.tracker.set_task(task)
+        for rec in self._pending:
+            rec["applied"] = True
+        self._pending = []
         if getattr(self.optimizer, "importance", None) is not self.tracker:
             self.tracker.update()
         if self.frozen is not None and self._applied != task:
@@ -99,14 +113,26 @@ class EvolvingIsolation:
         """Whether the masks are to be refreshed after this step (the policy's schedule)."""
         if self.policy == "none" or self.step < self.warmup:
             return False
-        if self.policy == "static":
-            return self.masks is None
-        return self.masks is None or (self.step - self.warmup) % self.interval == 0
+        if self.masks is None:
+            return True
+        if (self.step - self.warmup) % self.interval:
+            return False
+        return self.policy == "evolving" or bool(self._late())
+
+    def _late(self) -> list[str]:
+        """static: the tasks whose mask is empty and that have had an update since (their mask is due)."""
+        return [t for t in self.tracker.tasks if not self._sizes[t] and self.tracker.counts[t] > 0]
 
     def refresh(self) -> None:
-        """Recompute every task's mask and frozen set, log the drift, reset released moments."""
+        """Recompute every task's mask (static, after the first: only the empty masks of tasks that
+        have had an update since) and frozen set, log the drift, reset released moments."""
         tasks = self.tracker.tasks
-        new = {t: self.tracker.select(t, self.ratio) for t in tasks}
+        if self.policy == "static" and self.masks is not None:
+            new = dict(self.masks)
+            new.update({t: self.tracker.select(t, self.ratio) for t in self._late()})
+        else:
+            new = {t: self.tracker.select(t, self.ratio) for t in tasks}
+        sizes = {t: new[t].count() for t in tasks}
         frozen = {}
         for t in tasks:
             others = ParamMask.zeros(new[t].layout, new[t].device)
@@ -114,14 +140,18 @@ class EvolvingIsolation:
                 if s != t:
                     others = others | new[s]
             frozen[t] = others - new[t]
-        if self.first is None:
-            self.first = new
+        records = []
         for t in tasks:
+            if t not in self.first and sizes[t]:
+                self.first[t] = new[t]
             old = self.masks[t] if self.masks is not None else ParamMask.zeros(new[t].layout, new[t].device)
-            self.log.append({"step": self.step, "task": t, "protected": new[t].count(), "kept": (old & new[t]).count(),
-                             "added": (new[t] - old).count(), "released": (old - new[t]).count(),
-                             "frozen": frozen[t].count(), "jaccard_prev": jaccard(old, new[t]),
-                             "jaccard_first": jaccard(self.first[t], new[t])})
+            records.append({"step": self.step, "task": t, "protected": sizes[t], "kept": (old & new[t]).count(),
+                            "added": (new[t] - old).count(), "released": (old - new[t]).count(),
+                            "frozen": frozen[t].count(), "jaccard_prev": jaccard(old, new[t]),
+                            "jaccard_first": jaccard(self.first[t], new[t]) if t in self.first else None,
+                            "applied": False})
+        self.log += records
+        self._pending, self._sizes = records, sizes
         if self.frozen is not None and self.optimizer.reset_on_unfreeze:
             released = ParamMask.zeros(new[tasks[0]].layout, new[tasks[0]].device)
             for t in tasks:

@@ -103,8 +103,70 @@ def test_task_steps_keep_their_frozen_set_bit_exact(policy):
     if policy == "none":
         assert iso.masks is None and not iso.log
     else:
-        expected = {"evolving": {2, 5, 8, 11}, "static": {2}}[policy]
+        # static: a, b, c have masks after step 2 (b and c, untrained then, empty); b and c get theirs at 5
+        expected = {"evolving": {2, 5, 8, 11}, "static": {2, 5}}[policy]
         assert {r["step"] for r in iso.log} == expected
+
+
+def _run(iso, model, opt, schedule):
+    for step, task in enumerate(schedule):
+        _backward(model, task, step)
+        iso.before_step(task)
+        opt.step()
+        iso.after_step()
+
+
+def _by_step(iso):
+    out = {}
+    for r in iso.log:
+        out.setdefault(r["step"], {})[r["task"]] = r
+    return out
+
+
+@pytest.mark.parametrize("policy", ("evolving", "static"))
+def test_jaccard_first_is_taken_from_the_first_non_empty_mask(policy):
+    """c has no step before the first refresh (step 2): empty mask, jaccard_first None until c has
+    a mask, then 1.0 against that mask and iso.first["c"] is it."""
+    model, opt, tracker, iso = _setup(policy=policy, warmup=2, interval=3)
+    _run(iso, model, opt, ["a", "b", "a", "c", "a", "b", "c", "a", "b", "c", "a"])  # refreshes at 2, 5, (8, 11)
+    recs = _by_step(iso)
+    assert recs[2]["c"]["protected"] == 0 and recs[2]["c"]["jaccard_first"] is None
+    assert recs[2]["a"]["jaccard_first"] == 1.0 and recs[2]["b"]["jaccard_first"] == 1.0
+    assert recs[5]["c"]["protected"] > 0 and recs[5]["c"]["jaccard_first"] == 1.0
+    assert recs[5]["c"]["jaccard_prev"] == 0.0  # previous mask empty
+    if policy == "evolving":
+        assert recs[11]["c"]["jaccard_first"] == jaccard(iso.first["c"], iso.masks["c"])
+        assert sorted(recs) == [2, 5, 8, 11]
+    else:
+        assert iso.first["c"] == iso.masks["c"]
+    assert all(r["jaccard_first"] is not None for r in iso.log if r["step"] >= 5)
+
+
+def test_static_gives_an_untrained_task_its_mask_once_at_the_first_refresh_point_it_has_importance():
+    model, opt, tracker, iso = _setup(policy="static", warmup=2, interval=3)
+    # c trains first at step 6 (index 5): not at 6, at the next schedule point 8; none after
+    _run(iso, model, opt, ["a", "b", "a", "b", "a", "c", "a", "b", "c", "a", "b", "c", "a", "b"])
+    recs = _by_step(iso)
+    assert sorted(recs) == [2, 8]
+    first = {t: recs[2][t] for t in TASKS}
+    assert first["a"]["protected"] > 0 and first["b"]["protected"] > 0 and first["c"]["protected"] == 0
+    assert iso.first["a"] == iso.masks["a"] and iso.first["b"] == iso.masks["b"]  # never recomputed
+    late = recs[8]
+    for t in ("a", "b"):  # unchanged masks; their frozen sets now hold c's mask
+        assert late[t]["kept"] == late[t]["protected"] == first[t]["protected"]
+        assert late[t]["added"] == late[t]["released"] == 0 and late[t]["jaccard_prev"] == 1.0
+        assert _bools(iso.frozen[t]).tolist() == _bools((iso.masks["c"] | iso.masks["a"] | iso.masks["b"])
+                                                         - iso.masks[t]).tolist()
+    assert late["c"]["added"] == late["c"]["protected"] > 0 and late["c"]["jaccard_first"] == 1.0
+    assert iso.first["c"] == iso.masks["c"]
+
+
+def test_applied_marks_refreshes_whose_masks_a_later_step_used():
+    model, opt, tracker, iso = _setup(warmup=2, interval=2)
+    _run(iso, model, opt, ["a", "b", "c", "a"])  # refreshes after steps 2 and 4 (the last)
+    assert [(r["step"], r["applied"]) for r in iso.log] == [(2, True)] * 3 + [(4, False)] * 3
+    _run(iso, model, opt, ["b"])  # one more step: the step-4 masks were used
+    assert all(r["applied"] for r in iso.log)
 
 
 @pytest.mark.parametrize("reset", (True, False))

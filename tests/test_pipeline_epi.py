@@ -58,6 +58,27 @@ def _drift(root: str, method: str) -> dict:
         return json.load(f)
 
 
+def _sampler() -> TaskBatchSampler:  # the EPI stage's step order
+    return TaskBatchSampler([t for t in TINY["tasks"] for _ in range(TINY["data"]["n_train"])],
+                            TINY["train"]["batch_size"], seed=0)
+
+
+def _refreshes(method: str) -> list[int]:
+    """The steps of the logged refreshes: every schedule point for epi; for epi_static the warmup and
+    each later point at which a task whose mask was empty has had a step (docs/epi.md)."""
+    sampler, e = _sampler(), TINY["epi"]
+    points = list(range(e["warmup"], STEPS + 1, e["interval"]))
+    if method == "epi":
+        return points
+    out, masked = [], set()
+    for p in points:
+        trained = {sampler.task_of_step(j) for j in range(p)}
+        if not out or trained - masked:
+            out.append(p)
+            masked |= trained
+    return out
+
+
 def _params(path: str) -> dict[str, torch.Tensor]:
     with open_tensors(path) as src:
         return {n: t.clone() for n, t in src.items()}
@@ -66,7 +87,9 @@ def _params(path: str) -> dict[str, torch.Tensor]:
 def test_epi_stages_train_and_record_their_settings(epi_run):
     _, root = epi_run
     base = _params(os.path.join(root, "base"))
-    for method, refreshes in (("epi", 4), ("epi_static", 1)):
+    assert _refreshes("epi_static") == [2, 4]  # 3 tasks, 2 steps before warmup: one task's mask comes late
+    for method in ("epi", "epi_static"):
+        refreshes = len(_refreshes(method))
         with open(os.path.join(_stage(root, method), "manifest.json")) as f:
             manifest = json.load(f)
         info = manifest["info"]
@@ -84,9 +107,9 @@ def test_drift_log_counts_add_up(epi_run):
     _, root = epi_run
     n = sum(t.numel() for t in _params(os.path.join(root, "base")).values())
     k = int(TINY["epi"]["ratio"] * n + 0.5)
-    sampler = TaskBatchSampler([t for t in TINY["tasks"] for _ in range(TINY["data"]["n_train"])],
-                               TINY["train"]["batch_size"], seed=0)  # the stage's step order
-    for method, steps in (("epi", [2, 4, 6, 8]), ("epi_static", [2])):
+    sampler = _sampler()
+    for method in ("epi", "epi_static"):
+        steps = _refreshes(method)
         drift = _drift(root, method)
         assert drift["steps"] == STEPS and drift["settings"]["warmup"] == TINY["epi"]["warmup"]
         assert drift["state_bytes"] == 4 * n * len(TINY["tasks"])  # float32 state per task
@@ -94,7 +117,9 @@ def test_drift_log_counts_add_up(epi_run):
         assert sorted({r["step"] for r in log}) == steps
         assert len(log) == len(steps) * len(TINY["tasks"])
         previous = dict.fromkeys(TINY["tasks"], 0)
+        had_mask = set()
         for r in log:
+            assert r["applied"] is True  # the last refresh (step 8) comes before the last step (9)
             assert r["protected"] == r["kept"] + r["added"], r
             assert previous[r["task"]] == r["kept"] + r["released"], r
             trained = {sampler.task_of_step(j) for j in range(r["step"])}  # tasks with steps before the refresh
@@ -104,6 +129,14 @@ def test_drift_log_counts_add_up(epi_run):
             others = sum(x["protected"] for x in log if x["step"] == r["step"] and x["task"] != r["task"])
             assert r["frozen"] <= others
             previous[r["task"]] = r["protected"]
+            if r["task"] in had_mask:
+                assert r["jaccard_first"] is not None and (method == "epi" or r["jaccard_first"] == 1.0), r
+            elif r["protected"]:  # the task's first non-empty mask
+                assert r["jaccard_first"] == 1.0, r
+                had_mask.add(r["task"])
+            else:
+                assert r["jaccard_first"] is None, r
+        assert had_mask == set(TINY["tasks"])
 
 
 class _Recorder:
@@ -160,6 +193,8 @@ def test_frozen_elements_stay_bit_exact_on_every_step(monkeypatch, policy):
                              progress=False)
     assert result["steps"] == len(rec.steps) == 6
     assert [r["step"] for r in result["drift"]][::2] == ([2, 4, 6] if policy == "evolving" else [2])
+    # the refresh after the last step (6) is logged, its masks never used
+    assert [r["applied"] for r in result["drift"]] == [r["step"] < 6 for r in result["drift"]]
     checked = 0
     for k, s in enumerate(rec.steps):
         assert s["same"], f"step {k + 1}: the frozen set in force is not F_t of task {s['task']}"
@@ -272,7 +307,7 @@ def test_report_has_the_epi_rows_and_the_drift_plot(epi_run):
     assert os.path.getsize(os.path.join(root, "epi_drift.png")) > 1000
     section = text.split("## EPI: importance drift")[1].split("\n## ")[0]
     table = [line for line in section.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert [int(line.split("|")[1]) for line in table] == [2, 4, 6, 8, 2]  # evolving refreshes, then static
+    assert [int(line.split("|")[1]) for line in table] == _refreshes("epi") + _refreshes("epi_static")
     assert "EPI (evolving masks): 9 steps, 4 refresh(es)" in section
 
 

@@ -286,7 +286,7 @@ def _plots(results: dict, root: str, seed: int) -> dict[str, str]:
             recs = [r for r in drift["log"] if r["task"] == t]
             steps = [r["step"] for r in recs]
             axes[0].plot(steps[1:], [r["jaccard_prev"] for r in recs[1:]], marker="o", ms=3, label=t)  # 1st: no previous
-            axes[1].plot(steps, [r["jaccard_first"] for r in recs], marker="o", ms=3, label=t)
+            axes[1].plot(steps, [r["jaccard_first"] for r in recs], marker="o", ms=3, label=t)  # None (no mask yet): a gap
             axes[2].plot(steps, [r["released"] for r in recs], marker="o", ms=3, label=f"{t} released")
             axes[2].plot(steps, [r["protected"] for r in recs], ls=":", color=axes[2].lines[-1].get_color(),
                          label=f"{t} protected")
@@ -371,8 +371,8 @@ def _epi_section(cfg: Config, results: dict, root: str, seed: int, plots: dict) 
     e = cfg["epi"]
     out = ["## EPI: importance drift", "",
            f"Settings: mask ratio {e['ratio']}, refresh every {e['interval']} steps from step {e['warmup']} (static "
-           f"ablation: once, at step {e['warmup']}), EMA β = {e['beta']}, signal {e['signal']}, state "
-           f"{e['state_dtype']}, normalization {e['normalize']} (docs/epi.md). Seed {seed}."]
+           f"ablation: once per task, at step {e['warmup']} or when it first has importance), EMA β = {e['beta']}, "
+           f"signal {e['signal']}, state {e['state_dtype']}, normalization {e['normalize']} (docs/epi.md). Seed {seed}."]
     for m, d in drift.items():
         refreshes = sorted({r["step"] for r in d["log"]})
         out.append(f"- {LABELS[m]}: {d['steps']} steps, {len(refreshes)} refresh(es), importance state "
@@ -385,7 +385,8 @@ def _epi_section(cfg: Config, results: dict, root: str, seed: int, plots: dict) 
     if "epi_drift" in plots:
         out += [f"![EPI mask drift]({plots['epi_drift']})", ""]
     if "epi_static" in drift and drift["epi_static"]["log"]:
-        out += ["Static ablation, masks fixed at its only refresh:", "", drift_table(drift["epi_static"]), ""]
+        out += ["Static ablation, each task's mask computed once (at the warmup, or at the first refresh point "
+                "after the task's first step when it had none then):", "", drift_table(drift["epi_static"]), ""]
     return out + [""]
 
 
