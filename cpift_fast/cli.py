@@ -194,8 +194,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     try:
         shape, settings, rows = plan_for_config(
             cfg, world_size=args.world_size, sharding=args.sharding, gpu_gb=args.gpu_gb,
-            state_dtype=args.state_dtype, grad_checkpointing=args.grad_checkpointing, attention=args.attention,
-            epi_tasks=args.epi_tasks, epi_state=args.epi_state)
+            state_dtype=args.state_dtype, grad_checkpointing=args.grad_checkpointing, attention=args.attention)
     except ValueError as exc:  # a bad argument or an unusable model config
         raise UsageError(str(exc)) from None
     if args.json:
@@ -290,9 +289,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in training")
     p.add_argument("--attention", choices=["eager", "sdpa"], default=None,
                    help="eager stores the attention scores (default: eager for tiny, sdpa for hub models)")
-    p.add_argument("--epi-tasks", type=int, default=0,
-                   help="add an EPI training stage with importance state for N tasks (the config has no EPI keys)")
-    p.add_argument("--epi-state", choices=["fp32", "bf16", "int8"], default="fp32", help="EPI state dtype")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_cmd_plan)
 

@@ -29,8 +29,8 @@ FSDP (params, grads, moments and masks are sharded: each rank holds 1/S), S = 1 
     moments     2·P·b_s / S               AdamW exp_avg and exp_avg_sq (no amsgrad)
     masks       m·P / 8 / S               m frozen masks of 1 bit per element (frozen words
                                           localized to each rank's shard under FSDP)
-    epi         n·P·b_e / S               EPI importance state for n tasks, b_e = 4 (fp32),
-                                          2 (bf16), 1 + 4/256 (int8: 1 byte + a fp32 scale per
+    epi         n·P·b_e / S               EPI importance state for n tasks, b_e = 4 (float32),
+                                          2 (bfloat16), 1 + 4/256 (int8: 1 byte + a fp32 scale per
                                           256 elements; cpift_fast/importance.py)
     comm        DDP, S > 1: P·b_p         the gradient buckets (DDP's default
                                           gradient_as_bucket_view=False keeps a second copy)
@@ -59,8 +59,9 @@ Stages (``KINDS`` of the pipeline, in order):
 
 - training model: base (tiny model: pretraining; a hub model: base only records its name, nothing
   is held), probe (nothing frozen: m = 0), stages, consolidate, forgetting (one union mask of the
-  frozen cores: m = 1), and epi when ``epi_tasks`` > 0 (the EPI method: n importance states and
-  m = 3n + 1 masks — each task's mask, its first mask and its frozen set, and the optimizer's).
+  frozen cores: m = 1), and epi when ``epi_tasks`` > 0 (the training stage of method epi or
+  epi_static: n importance states and m = 3n + 1 masks — each task's mask, its first mask and its
+  frozen set, and the optimizer's).
 - streamed (the pipeline runs them on the CPU, from the checkpoint files): core — one (base, tuned)
   pair of the largest tensor T, its mask words, the 0.75 MiB histograms, and the N/8-byte result
   mask; fuse — one tensor of each of the n + 2 inputs (backbone, n probes, base), two fp32 work
@@ -86,7 +87,7 @@ from .pipeline.run import KINDS
 
 GIB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-EPI_STATE_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0 + 4.0 / 256}
+EPI_STATE_BYTES = {"float32": 4.0, "bfloat16": 2.0, "int8": 1.0 + 4.0 / 256}  # the config's epi.state_dtype
 SHARDING = ("ddp", "fsdp")
 ATTENTION = ("eager", "sdpa")
 LLAMA_STYLE = ("llama", "mistral")
@@ -211,7 +212,7 @@ def _positive(name: str, value, zero_ok: bool = False) -> None:
 def memory_plan(model_config, *, world_size: int = 1, sharding: str = "ddp", param_dtype: str = "bfloat16",
                 state_dtype: str | None = None, batch_size: int = 1, seq_len: int = 1024,
                 grad_checkpointing: bool = False, attention: str = "sdpa", n_tasks: int = 2,
-                epi_tasks: int = 0, epi_state: str = "fp32", eval_batch_size: int = 1, eval_seq_len: int = 1024,
+                epi_tasks: int = 0, epi_state: str = "float32", eval_batch_size: int = 1, eval_seq_len: int = 1024,
                 hub_base: bool = True, gpu_gb: float = 80.0) -> list[StageMemory]:
     """Bytes one process holds in each stage (KINDS order, then ``epi`` when ``epi_tasks`` > 0):
     on its GPU, or in host memory for core, group and fuse; the formulas are in the module docstring.
@@ -220,8 +221,8 @@ def memory_plan(model_config, *, world_size: int = 1, sharding: str = "ddp", par
     processes of a training stage; sharding: "ddp" (replicated) or "fsdp" (sharded). param_dtype:
     "float32" | "bfloat16" | "float16"; state_dtype: None (the param dtype) or "float32" (MaskedAdamW's
     choices). batch_size: per GPU;
-    seq_len: tokens per sequence. n_tasks: the core masks group and fuse hold. epi_tasks,
-    epi_state ("fp32" | "bf16" | "int8"): EPI importance state. hub_base: the base model is a hub
+    seq_len: tokens per sequence. n_tasks: the core masks group and fuse hold. epi_tasks (0: no EPI
+    stage), epi_state ("float32" | "bfloat16" | "int8", as ``epi.state_dtype``): EPI importance state. hub_base: the base model is a hub
     model (base holds nothing; core and fuse load it whole) rather than the pretrained tiny model.
     gpu_gb: GiB per GPU. Raises ValueError on a bad argument.
     """
@@ -312,24 +313,29 @@ def model_config_of(model: Mapping, max_len: int):
 
 
 def plan_for_config(cfg, *, world_size: int = 1, sharding: str = "ddp", gpu_gb: float = 80.0,
-                    state_dtype: str | None = None, grad_checkpointing: bool = False, attention: str | None = None,
-                    epi_tasks: int = 0, epi_state: str = "fp32") -> tuple[ModelShape, dict, list[StageMemory]]:
+                    state_dtype: str | None = None, grad_checkpointing: bool = False,
+                    attention: str | None = None) -> tuple[ModelShape, dict, list[StageMemory]]:
     """``memory_plan`` for a pipeline ``Config``: (model shape, the settings used, rows).
 
     From the config: the model (tiny: fp32, as the pipeline trains it, eager attention; a hub
     model: ``model.dtype``, sdpa attention — transformers' default), ``train.batch_size`` (per
     GPU) and ``train.max_len``, the number of tasks, ``eval.batch_size``, and the eval sequence
     ``train.max_len`` + the largest ``max_new_tokens`` of the tasks (256, the real-data loaders'
-    largest default, where none is set). The rest are the arguments (the config has no keys for
-    them yet)."""
+    largest default, where none is set), and EPI: when ``methods`` has epi or epi_static, an epi
+    row with importance state for every task of the config in ``epi.state_dtype`` (epi_tasks 0
+    otherwise). The rest are the arguments (the config has no keys for them yet)."""
+    from .pipeline.config import EPI_METHODS
+
     model = cfg["model"]
     tiny = model["source"] == "tiny"
     max_len = int(cfg["train"]["max_len"])
     new_tokens = max((t.max_new_tokens for t in cfg.tasks if t.max_new_tokens), default=256)
+    epi = bool(set(cfg["methods"]) & set(EPI_METHODS))
     settings = {"world_size": world_size, "sharding": sharding, "param_dtype": "float32" if tiny else model["dtype"],
                 "state_dtype": state_dtype, "batch_size": int(cfg["train"]["batch_size"]), "seq_len": max_len,
                 "grad_checkpointing": grad_checkpointing, "attention": attention or ("eager" if tiny else "sdpa"),
-                "n_tasks": len(cfg.tasks), "epi_tasks": epi_tasks, "epi_state": epi_state,
+                "n_tasks": len(cfg.tasks), "epi_tasks": len(cfg.tasks) if epi else 0,
+                "epi_state": cfg["epi"]["state_dtype"],
                 "eval_batch_size": int(cfg["eval"]["batch_size"]), "eval_seq_len": max_len + new_tokens,
                 "hub_base": not tiny, "gpu_gb": gpu_gb}
     hf_config = model_config_of(model, max_len)
@@ -340,7 +346,7 @@ def format_plan(shape: ModelShape, settings: dict, rows: list[StageMemory]) -> s
     """The table ``cpift plan`` prints: GiB per component, total, fits (headroom) per stage."""
     s = settings
     ckpt = "activation checkpointing" if s["grad_checkpointing"] else "no activation checkpointing"
-    epi = f"; EPI state for {s['epi_tasks']} tasks in {s['epi_state']}" if s["epi_tasks"] else ""
+    epi = f"; EPI importance state for {s['epi_tasks']} tasks in {s['epi_state']}" if s["epi_tasks"] else ""
     lines = [
         f"model: {shape.describe()}",
         f"{s['sharding']} over {s['world_size']} GPU(s); weights {s['param_dtype']}, moments "

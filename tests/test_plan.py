@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from cpift_fast.cli import main
+from cpift_fast.importance import bytes_per_element
+from cpift_fast.pipeline.config import EPI_STATE_DTYPES
 from cpift_fast.pipeline.run import KINDS
-from cpift_fast.plan import GIB, ModelShape, memory_plan
+from cpift_fast.plan import EPI_STATE_BYTES, GIB, ModelShape, memory_plan
 
 LLAMA2_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
@@ -175,7 +177,7 @@ def test_cli_table_tiny(tmp_path, capsys):
 def test_cli_json_matches_memory_plan(tmp_path, capsys):
     model = _model_dir(tmp_path, LLAMA2_7B)
     args = ["plan", _config(tmp_path, model), "--world-size", "8", "--sharding", "fsdp", "--gpu-gb", "40",
-            "--grad-checkpointing", "--epi-tasks", "2", "--epi-state", "bf16", "--json"]
+            "--grad-checkpointing", "--set", "methods=[full_sft, epi]", "--set", "epi.state_dtype=bfloat16", "--json"]
     assert main(args) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["model"]["params"] == 6_738_415_616
@@ -183,7 +185,7 @@ def test_cli_json_matches_memory_plan(tmp_path, capsys):
     assert data["settings"] == {
         "world_size": 8, "sharding": "fsdp", "param_dtype": "bfloat16", "state_dtype": None, "batch_size": 2,
         "seq_len": 128, "grad_checkpointing": True, "attention": "sdpa", "n_tasks": 2, "epi_tasks": 2,
-        "epi_state": "bf16", "eval_batch_size": 256, "eval_seq_len": 128 + 256, "hub_base": True, "gpu_gb": 40.0}
+        "epi_state": "bfloat16", "eval_batch_size": 256, "eval_seq_len": 128 + 256, "hub_base": True, "gpu_gb": 40.0}
     expected = memory_plan(LLAMA2_7B, **data["settings"])
     for got, want in zip(data["stages"], expected):
         assert got["total_gib"] == pytest.approx(want.total / GIB)
@@ -196,6 +198,44 @@ def test_cli_set_override(tmp_path, capsys):
                  "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["settings"]["param_dtype"] == "float16" and data["model"]["hidden"] == 4096
+
+
+@pytest.mark.parametrize("methods, state, rows", [
+    ("[full_sft, cpift]", "int8", False),     # no EPI method: no epi row, whatever epi.state_dtype says
+    ("[full_sft, epi_static]", "int8", True),
+    ("[epi]", "float32", True),
+])
+def test_cli_epi_row_from_the_config(tmp_path, capsys, methods, state, rows):
+    """The epi row comes from the config: methods epi / epi_static, epi.state_dtype, every task."""
+    model = _model_dir(tmp_path, LLAMA2_7B)
+    path = tmp_path / "three.yaml"
+    path.write_text(f"name: plan\ntasks: [shift, unshift, mirror]\nmodel: {{source: {model}, dtype: bfloat16}}\n"
+                    f"methods: {methods}\nepi: {{state_dtype: {state}}}\n")
+    assert main(["plan", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    stages = {s["stage"]: s for s in data["stages"]}
+    assert data["settings"]["epi_tasks"] == (3 if rows else 0) and data["settings"]["epi_state"] == state
+    assert ("epi" in stages) == rows and [s["stage"] for s in data["stages"]][:len(KINDS)] == list(KINDS)
+    if rows:
+        P = 6_738_415_616
+        assert stages["epi"]["gib"]["epi"] * GIB == pytest.approx(3 * P * bytes_per_element(
+            "int8" if state == "int8" else getattr(torch, state)))
+        assert main(["plan", str(path)]) == 0
+        assert f"EPI importance state for 3 tasks in {state}" in capsys.readouterr().out
+
+
+def test_epi_state_bytes_match_the_tracker():
+    assert tuple(EPI_STATE_BYTES) == EPI_STATE_DTYPES
+    for name, b in EPI_STATE_BYTES.items():
+        assert b == bytes_per_element("int8" if name == "int8" else getattr(torch, name))
+
+
+def test_cli_has_no_epi_options(tmp_path, capsys):
+    for option in ("--epi-tasks", "--epi-state"):
+        with pytest.raises(SystemExit) as exc:
+            main(["plan", _config(tmp_path), option, "2"])
+        assert exc.value.code == 2
+        capsys.readouterr()
 
 
 def _one_error_line(capsys) -> str:
