@@ -27,7 +27,8 @@ Forgetting (Table 2), for a pair (A, B) in both directions: start from the model
                   consolidation on a sample of A and B with the cores frozen (cpift.consolidate)
 
 The report gives the drop on A (A's probe score − A after) and the gain on B (B after − B
-before, i.e. B on the model trained on A) per method.
+before, i.e. B on the model trained on A) per method. Every stage of the experiment, its fusion and
+consolidation too, is of kind "forgetting" (``--stage forgetting`` computes them all).
 """
 
 from __future__ import annotations
@@ -165,6 +166,8 @@ def forgetting(env: Env, a: str, b: str, probe: dict[str, StageOut], core: Stage
         if "multi_stage" in methods:
             out["multi_stage"] = frozen
         if "cpift" in methods:
-            fused = fuse_stage(env, env.key(*prefix, "cpift_fuse"), frozen, {a: probe[a], b: probe[b]}, core, base)
-            out["cpift"] = consolidate_stages(env, "/".join(prefix + ("cpift",)), fused, core, [[a], [b]])
+            fused = fuse_stage(env, env.key(*prefix, "cpift_fuse"), frozen, {a: probe[a], b: probe[b]}, core, base,
+                               kind="forgetting")
+            out["cpift"] = consolidate_stages(env, "/".join(prefix + ("cpift",)), fused, core, [[a], [b]],
+                                              kind="forgetting")
     return out

@@ -266,9 +266,10 @@ def group_stage(env: Env, core: StageOut) -> StageOut:
 
 
 def fuse_stage(env: Env, key: str, backbone: StageOut, probes: dict[str, StageOut], core: StageOut,
-               base: StageOut) -> StageOut:
+               base: StageOut, kind: str = "fuse") -> StageOut:
     """Core elements from each task's probe model, SLERP(backbone, fold of the probes) elsewhere;
-    streamed from the checkpoint directories to a sharded safetensors checkpoint."""
+    streamed from the checkpoint directories to a sharded safetensors checkpoint. `kind`: the stage
+    kind (the forgetting experiment's fusion is of kind "forgetting")."""
     c = env.cfg["cpift"]
 
     def fn(out):
@@ -285,7 +286,7 @@ def fuse_stage(env: Env, key: str, backbone: StageOut, probes: dict[str, StageOu
         return {k: _jsonable(stats[k]) for k in ("modes", "transplanted", "overlapping") if k in stats}
 
     params = {"t": c["t"], "overlap_rule": c["overlap_rule"]}
-    return env.run.stage(key, "fuse", params, [backbone, core, base] + list(probes.values()), fn, seed=env.seed)
+    return env.run.stage(key, kind, params, [backbone, core, base] + list(probes.values()), fn, seed=env.seed)
 
 
 def _jsonable(obj):
@@ -312,14 +313,14 @@ def consolidation_data(env: Env, names: list[str], ratio: float, key: str) -> li
 
 
 def consolidate_stages(env: Env, method: str, fused: StageOut, core: StageOut, order: list[list[str]],
-                       mode: str | None = None) -> StageOut:
+                       mode: str | None = None, kind: str = "consolidate") -> StageOut:
     """Light SFT on a `ratio` sample of each task's data, from the fused model (paper §2.5, Table 3).
 
     mode multi_stage (paper default): one stage per group, in stage order, each on its group's
     sample; single_stage: one stage on the mixed sample of every task. Frozen in each stage:
     freeze=all: every task's core (paper); cumulative: the cores of the groups consolidated before
     it (multi_stage only); none: nothing. Stage keys: ``consolidate`` (single) and
-    ``consolidate1..K`` (multi)."""
+    ``consolidate1..K`` (multi). `kind`: the stages' kind (the forgetting experiment's: "forgetting")."""
     c = env.cfg["cpift"]["consolidate"]
     mode = mode or c["mode"]
     names = [t for g in order for t in g]
@@ -330,13 +331,13 @@ def consolidate_stages(env: Env, method: str, fused: StageOut, core: StageOut, o
             raise ValueError("single-stage consolidation cannot freeze cumulatively (no earlier groups)")
         key = env.key(method, "consolidate")
         frozen = (core, names) if c["freeze"] == "all" else None
-        return sft_stage(env, key, "consolidate", fused, names, epochs, frozen=frozen,
+        return sft_stage(env, key, kind, fused, names, epochs, frozen=frozen,
                          examples=consolidation_data(env, names, ratio, key), extra=extra)
     current, done = fused, []
     for k, group in enumerate(order):
         key = env.key(method, f"consolidate{k + 1}")
         frozen = {"all": (core, names), "cumulative": (core, list(done)), "none": None}[c["freeze"]]
-        current = sft_stage(env, key, "consolidate", current, list(group), epochs, frozen=frozen,
+        current = sft_stage(env, key, kind, current, list(group), epochs, frozen=frozen,
                             examples=consolidation_data(env, list(group), ratio, key), extra=extra)
         done += list(group)
     return current
