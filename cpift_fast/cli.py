@@ -6,7 +6,8 @@
     cpift core BASE TUNED -o M       core region: exact global top-k of |tuned − base| (--plot, per layer)
     cpift overlap A.mask B.mask ...  Jaccard matrix of task cores and the groups (--tau, --plot)
     cpift fuse --backbone DIR --task NAME=DIR:MASK ... -o OUT   core transplant + SLERP, streamed
-    cpift run CONFIG.yaml            CPI-FT + baselines from a config; resumable (--from STAGE, --seeds N)
+    cpift run CONFIG.yaml            CPI-FT + baselines from a config; resumable (--from STAGE, --seeds N);
+                                     one stage kind / task at a time: --stage KIND [--task NAME] [--seed K]
     cpift sweep CONFIG --set K=V1,V2,...   one run per value (grid over two keys), stages shared; Fig. 2 plot
     cpift plan CONFIG                memory per GPU in each stage (model config only, no weights); fits?
 """
@@ -264,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run (or resume) a CPI-FT pipeline + baselines from a YAML config")
     p.add_argument("config", help="YAML config (see examples/demo.yaml)")
     _pipeline_args(p)
+    p.add_argument("--stage", metavar="KIND",
+                   help="compute only the stages of this kind (cluster fan-out: one job per kind, per task): "
+                        "base probe core group stages fuse consolidate forgetting eval. Its input stages must "
+                        "be finished (else one error naming the missing stage and the command that makes it; "
+                        "nothing upstream is computed); finished stages are reused; no report (a plain "
+                        "`cpift run` afterwards reuses everything and writes it)")
+    p.add_argument("--task", metavar="NAME", help="with --stage probe: only this task's probe")
+    p.add_argument("--seed", type=int, metavar="K", help="with --stage: only seed K's stages")
     p.set_defaults(func=_cmd_run)
     # [issue 12] cpift sweep
     p = sub.add_parser("sweep", help="sweep config values (e.g. --set cpift.tau=0,0.05,0.1): score vs value plot")

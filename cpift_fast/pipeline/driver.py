@@ -2,68 +2,58 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 
 from .config import DEMO, Config, ConfigError, load_config, parse_override
 from .methods import METHODS, cpift_consolidation_modes, forgetting, probes
-from .run import Run
-from .stages import Env, base_stage, core_stage, eval_stage, load_json, scores
+from .run import KINDS, PER_TASK, MissingStageError, NotSelected, Run
+from .stages import Env, base_stage, core_stage, eval_stage, load_json, probe_stage, scores
 
 
 
 def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = None, seeds: int | None = None,
-                 write_report: bool = True, verify: str = "fast") -> dict:
+                 write_report: bool = True, verify: str = "fast", stage: str | None = None,
+                 task: str | None = None, seed: int | None = None) -> dict:
     """Run (or resume) every stage of `cfg`; return the collected results (and write the report).
     `seeds`: the number of seeds (None: the config's); `verify`: how reused stages are checked
-    ("fast": file sizes, "full": contents too; see run.py)."""
+    ("fast": file sizes, "full": contents too; see run.py).
+
+    One stage kind (`stage`, cluster fan-out): compute only the stages of that kind — with `task`
+    only that task's piece of a per-task kind (run.PER_TASK), with `seed` only that seed's — and
+    reuse finished ones. Every input stage must be finished: an unfinished one raises
+    MissingStageError naming it (upstream stages are never computed). Then no results are collected
+    and no report is written: the returned dict holds "stage_log", "run_dir" and "selected" (the
+    keys of the selected stages, computed now or found finished). A plain run afterwards reuses every stage and reports."""
     if seeds is not None and (not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1):
         raise ConfigError(f"--seeds must be a positive integer (the number of seeds), got {seeds!r}")
+    n_seeds = int(cfg["seeds"] if seeds is None else seeds)
+    all_seeds = range(int(cfg["seed"]), int(cfg["seed"]) + n_seeds)
+    _check_selection(cfg, stage, task, seed, all_seeds, from_kind)
     torch.set_num_threads(int(cfg["threads"]))
     if cfg["model"]["source"] == "tiny":  # loading/saving a tiny model is instant: no bars for it
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
-    run = Run(os.path.join(runs_dir, cfg.name), from_kind=from_kind, progress=bool(cfg["progress"]), verify=verify)
+    run = Run(os.path.join(runs_dir, cfg.name), from_kind=from_kind, progress=bool(cfg["progress"]), verify=verify,
+              only=stage, task=task)
     base = base_stage(cfg, run)
-    n_seeds = int(cfg["seeds"] if seeds is None else seeds)
     names = cfg.task_names
     results: dict = {"tasks": names, "methods": list(cfg["methods"]), "seeds": {}, "run_dir": run.root}
-    for seed in range(int(cfg["seed"]), int(cfg["seed"]) + n_seeds):
-        env = Env(cfg, run, seed)
-        per: dict = {"scores": {}, "forgetting": {}, "consolidation": {}, "eval": {}}
-        per["scores"]["base"] = scores(eval_stage(env, "base", base))
-        needs_probes = "cpift" in cfg["methods"] or cfg["forgetting"]["pairs"]
-        if needs_probes:
-            probe = probes(env, base)
-            own = {}
-            for name, stage in probe.items():
-                own[name] = scores(eval_stage(env, f"probe/{name}", stage))[name]
-            per["scores"]["probe"] = own
-        for method in cfg["methods"]:
-            final = METHODS[method].run(env, base)
-            ev = eval_stage(env, method, final)
-            per["scores"][method] = scores(ev)
-            per["eval"][method] = _metric_info(ev)
-        if "cpift" in cfg["methods"] and cfg["cpift"]["consolidate"]["compare_modes"]:
-            for mode, final in cpift_consolidation_modes(env, base).items():
-                per["consolidation"][mode] = scores(eval_stage(env, f"cpift_consolidate_{mode}", final))
-        if cfg["forgetting"]["pairs"]:
-            core = core_stage(env, base, probe)
-            for a, b in cfg["forgetting"]["pairs"]:
-                for x, y in ((a, b), (b, a)):
-                    first = scores(eval_stage(env, f"probe/{x}", probe[x]))  # A's model on every task
-                    finals = forgetting(env, x, y, probe, core, base, list(cfg["forgetting"]["methods"]))
-                    per["forgetting"][f"{x}->{y}"] = {
-                        "first": x, "second": y, "before": first[x], "second_before": first[y],
-                        "second_probe": per["scores"]["probe"][y],
-                        "methods": {m: scores(eval_stage(env, f"forgetting/{x}_then_{y}/{m}", st))
-                                    for m, st in finals.items()}}
-        results["seeds"][seed] = per
+    for k in all_seeds if seed is None else [seed]:
+        results["seeds"][k] = _run_seed(Env(cfg, run, k), base)
     results["stage_log"] = run.log
+    if stage is not None:
+        results["selected"] = sorted(run.selected_done)
+        if run.progress:
+            print(f"--stage {stage}{f' --task {task}' if task else ''}: {len(results['selected'])} stage(s) "
+                  f"finished ({sum(st == 'ran' for _, st, _ in run.log)} computed now)", flush=True)
+        return {k: results[k] for k in ("stage_log", "selected", "run_dir")}
     results["stage_seconds"] = sum(float(o.manifest.get("seconds", 0.0)) for o in run.done.values())
     results["seconds"] = time.perf_counter() - t0
     if write_report:
@@ -72,6 +62,76 @@ def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = No
         with run.lock("report"):  # two processes on one run directory: one report at a time
             results["report"] = _write(cfg, results)
     return results
+
+
+def _check_selection(cfg: Config, stage, task, seed, all_seeds: range, from_kind) -> None:
+    """ConfigError (before any work) for a bad --stage / --task / --seed, or one given without
+    --stage, or --stage with --from."""
+    if stage is None:
+        if task is not None or seed is not None:
+            raise ConfigError(f"{'--task' if task is not None else '--seed'} needs --stage KIND")
+        return
+    if stage not in KINDS:
+        raise ConfigError(f"--stage {stage!r}: unknown stage (valid: {', '.join(KINDS)})")
+    if from_kind is not None:
+        raise ConfigError("--stage and --from cannot be combined (--stage computes only unfinished stages)")
+    if task is not None:
+        if stage not in PER_TASK:
+            raise ConfigError(f"--task applies to the per-task stages ({', '.join(PER_TASK)}), not --stage {stage}")
+        if task not in cfg.task_names:
+            raise ConfigError(f"--task {task!r}: not a task of the config (tasks: {', '.join(cfg.task_names)})")
+    if seed is not None and seed not in all_seeds:
+        raise ConfigError(f"--seed {seed}: not a seed of the run (seeds {all_seeds.start}..{all_seeds.stop - 1})")
+
+
+@contextlib.contextmanager
+def _branch() -> Iterator[None]:
+    """One branch of a seed's pipeline: under --stage, a stage that is not that command's work
+    (run.NotSelected) ends the branch; the next branch goes on. (A plain run never raises it.)"""
+    try:
+        yield
+    except NotSelected:
+        pass
+
+
+def _run_seed(env: Env, base) -> dict:
+    """Every stage of one seed, in independent branches; the seed's scores, forgetting, evals."""
+    cfg = env.cfg
+    per: dict = {"scores": {}, "forgetting": {}, "consolidation": {}, "eval": {}}
+    with _branch():
+        per["scores"]["base"] = scores(eval_stage(env, "base", base))
+    if "cpift" in cfg["methods"] or cfg["forgetting"]["pairs"]:
+        probe = {}
+        for name in cfg.task_names:
+            with _branch():
+                probe[name] = probe_stage(env, base, name)
+        own = {}
+        for name, stage in probe.items():
+            with _branch():
+                own[name] = scores(eval_stage(env, f"probe/{name}", stage))[name]
+        per["scores"]["probe"] = own
+    for method in cfg["methods"]:
+        with _branch():
+            ev = eval_stage(env, method, METHODS[method].run(env, base))
+            per["scores"][method] = scores(ev)
+            per["eval"][method] = _metric_info(ev)
+    if "cpift" in cfg["methods"] and cfg["cpift"]["consolidate"]["compare_modes"]:
+        with _branch():
+            for mode, final in cpift_consolidation_modes(env, base).items():
+                per["consolidation"][mode] = scores(eval_stage(env, f"cpift_consolidate_{mode}", final))
+    for a, b in cfg["forgetting"]["pairs"]:
+        for x, y in ((a, b), (b, a)):
+            with _branch():
+                probe = probes(env, base)
+                finals = forgetting(env, x, y, probe, core_stage(env, base, probe), base,
+                                    list(cfg["forgetting"]["methods"]))
+                first = scores(eval_stage(env, f"probe/{x}", probe[x]))  # A's model on every task
+                per["forgetting"][f"{x}->{y}"] = {
+                    "first": x, "second": y, "before": first[x], "second_before": first[y],
+                    "second_probe": per["scores"]["probe"][y],
+                    "methods": {m: scores(eval_stage(env, f"forgetting/{x}_then_{y}/{m}", st))
+                                for m, st in finals.items()}}
+    return per
 
 
 def _metric_info(stage) -> dict:
@@ -93,8 +153,12 @@ def _cli(config, args) -> int:
         raise ConfigError(f"--from {args.from_stage!r}: unknown stage (valid: {', '.join(KINDS)})")
     dotted = [parse_override(item) for item in getattr(args, "overrides", [])]
     cfg = load_config(config, overrides, dotted=dotted)
-    run_pipeline(cfg, runs_dir=args.runs_dir, from_kind=args.from_stage, seeds=args.seeds,
-                 verify=getattr(args, "verify", "fast"))
+    try:
+        run_pipeline(cfg, runs_dir=args.runs_dir, from_kind=args.from_stage, seeds=args.seeds,
+                     verify=getattr(args, "verify", "fast"), stage=getattr(args, "stage", None),
+                     task=getattr(args, "task", None), seed=getattr(args, "seed", None))
+    except MissingStageError as exc:
+        raise exc.for_config(config) from None
     return 0
 
 

@@ -23,6 +23,14 @@ holding its stage's lock, i.e. when its owner is dead. Readers of a finished sta
 a stage that is *replaced* (``--from``, or a failed verification) while another process reads its
 files can fail that reader, so re-run with ``--from`` from one process at a time. Locks are
 ``flock``: local file systems and NFSv4 (Linux maps it to POSIX locks there).
+
+One stage kind at a time (``cpift run CFG --stage KIND [--task NAME]``, cluster fan-out): a Run
+made with ``only=KIND`` (and ``task=NAME`` for a per-task kind) computes only the stages of that
+kind (of that task). Every other stage it is asked for must be finished: an unfinished one of an
+earlier kind is a missing input (``MissingStageError``, nothing upstream is computed; one that
+another process is computing right now is waited for); an unfinished one of a later kind, or
+another task's piece of the kind, is not this command's work (``NotSelected``: the caller drops the
+part of the pipeline that needs it, without waiting for a process that holds its lock).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ KINDS = ("base", "probe", "core", "group", "stages", "fuse", "consolidate", "for
 MANIFEST = "manifest.json"
 LOCKS = ".locks"
 VERIFY = ("fast", "full")
+PER_TASK = ("probe",)  # kinds with one stage per task (key .../<kind>/<task>): --task selects one
 _TEMP_PREFIXES = (".tmp-", ".old-")
 
 
@@ -58,6 +67,25 @@ class StageOut:
     path: str
     digest: str
     manifest: dict
+
+
+class MissingStageError(ValueError):
+    """A ``--stage`` command needs an input stage (of an earlier kind) that is not finished."""
+
+    def __init__(self, key: str, kind: str, needed_by: str, config: str = "CONFIG"):
+        self.key, self.kind, self.needed_by, self.config = key, kind, needed_by, config
+        task = f" --task {key.rsplit('/', 1)[1]}" if kind in PER_TASK else ""
+        super().__init__(f"--stage {needed_by} needs stage {key}, which is not finished: run "
+                         f"`cpift run {config} --stage {kind}{task}` first")
+
+    def for_config(self, config: str) -> MissingStageError:
+        """The same error with the command naming `config`."""
+        return MissingStageError(self.key, self.kind, self.needed_by, config)
+
+
+class NotSelected(Exception):
+    """A ``--stage`` Run was asked for an unfinished stage that is not its work (a later kind, or
+    another task's piece): the caller skips what needs it (driver: one pipeline branch)."""
 
 
 def digest_dir(path: str) -> str:
@@ -178,17 +206,28 @@ def _stage_of_temp(name: str) -> str | None:
 class Run:
     """The stage cache of one run directory (see the module doc: locking, verification)."""
 
-    def __init__(self, root: str, from_kind: str | None = None, progress: bool = True, verify: str = "fast"):
+    def __init__(self, root: str, from_kind: str | None = None, progress: bool = True, verify: str = "fast",
+                 only: str | None = None, task: str | None = None):
+        """`only`: compute only stages of this kind (`task`: only this task's piece of a per-task
+        kind); see the module doc. Cannot be combined with `from_kind`."""
         if from_kind is not None and from_kind not in KINDS:
             raise ValueError(f"--from {from_kind!r}: unknown stage (valid: {', '.join(KINDS)})")
         if verify not in VERIFY:
             raise ValueError(f"--verify {verify!r}: must be one of {', '.join(VERIFY)}")
+        if only is not None and only not in KINDS:
+            raise ValueError(f"--stage {only!r}: unknown stage (valid: {', '.join(KINDS)})")
+        if task is not None and only not in PER_TASK:
+            raise ValueError(f"--task needs --stage {' or '.join(PER_TASK)} (the per-task stages), got --stage {only}")
+        if only is not None and from_kind is not None:
+            raise ValueError("--stage and --from cannot be combined")
+        self.only, self.task = only, task
         self.root = os.path.abspath(root)
         self.forced = set(KINDS[KINDS.index(from_kind):]) if from_kind else set()
         self.progress = progress
         self.verify = verify
         self.done: dict[str, StageOut] = {}
         self.log: list[tuple[str, str, float]] = []  # (key, "ran"|"cached", seconds)
+        self.selected_done: list[str] = []  # keys of the finished stages this Run selects (see `only`)
         self.warnings: list[str] = []
         os.makedirs(os.path.join(self.root, LOCKS), exist_ok=True)
         self._clean_temps()
@@ -243,6 +282,12 @@ class Run:
     def path(self, key: str) -> str:
         return os.path.join(self.root, key)
 
+    def selected(self, key: str, kind: str) -> bool:
+        """Whether this Run computes stage `key` of `kind` (every stage unless made with `only`)."""
+        if self.only is None:
+            return True
+        return kind == self.only and (self.task is None or key.rsplit("/", 1)[-1] == self.task)
+
     def _warn(self, message: str) -> None:
         self.warnings.append(message)
         print(f"cpift: warning: {message}", file=sys.stderr, flush=True)
@@ -281,12 +326,22 @@ class Run:
             raise ValueError(f"stage {key}: unknown kind {kind!r}")
         if key in self.done:
             return self.done[key]
+        out = self._stage(key, kind, params, deps, fn, seed)
+        if self.selected(key, kind):
+            self.selected_done.append(key)
+        return out
+
+    def _stage(self, key, kind, params, deps, fn, seed) -> StageOut:
         config_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
         inputs = {d.key: d.digest for d in deps}
         final = self.path(key)
         parent, base = os.path.split(final)
         os.makedirs(parent, exist_ok=True)
-        with self.lock(key):
+        selected = self.selected(key, kind)
+        upstream = not selected and KINDS.index(kind) < KINDS.index(self.only)
+        with self.lock(key, wait=selected or upstream) as held:
+            if not held:  # someone else's work, in progress
+                raise NotSelected(key)
             self._clean_stage_temps(final)
             old = None if kind in self.forced else self._reusable(key, final, config_hash, inputs)
             if old is not None:
@@ -296,6 +351,10 @@ class Run:
                 if self.progress:
                     print(f"  ✓ {key} (done earlier, skipped)", flush=True)
                 return out
+            if upstream:
+                raise MissingStageError(key, kind, self.only)
+            if not selected:
+                raise NotSelected(key)
             out = self._compute(key, kind, params, config_hash, inputs, final, fn, seed)
         self.done[key] = out
         return out

@@ -1,0 +1,119 @@
+"""Cluster fan-out (issue 13): `cpift run CFG --stage KIND [--task NAME]` computes one stage kind (one
+task's probe), reuses finished stages, refuses to start without its inputs, and the per-stage
+commands — the probes as concurrent processes on one run directory — reach the same result as one
+`cpift run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from cpift_fast.cli import main
+from cpift_fast.pipeline.config import load_config
+from cpift_fast.pipeline.driver import run_pipeline
+from cpift_fast.pipeline.run import KINDS, MANIFEST
+
+from test_pipeline import TINY
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _digests(root: str) -> dict[str, str]:
+    """{stage key: output digest} of every finished stage of a run directory."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if MANIFEST in files:
+            with open(os.path.join(dirpath, MANIFEST)) as f:
+                out[os.path.relpath(dirpath, root).replace(os.sep, "/")] = json.load(f)["digest"]
+    return out
+
+
+def _one_error_line(err: str, *needles: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("cpift: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def cfg_path(tmp_path) -> str:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)
+
+
+def _stage_procs(cfg_path: str, runs: str, tasks: list[str]) -> list[subprocess.Popen]:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return [subprocess.Popen([sys.executable, "-m", "cpift_fast.cli", "run", cfg_path, "--runs-dir", runs,
+                              "--stage", "probe", "--task", t, "--set", "progress=true"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for t in tasks]
+
+
+def test_stage_by_stage_equals_one_run(cfg_path, tmp_path):
+    one = run_pipeline(load_config(TINY), runs_dir=str(tmp_path / "one"), write_report=False)
+    runs = str(tmp_path / "staged")
+    root = os.path.join(runs, "tiny")
+
+    assert main(["run", cfg_path, "--runs-dir", runs, "--stage", "base"]) == 0
+    assert set(_digests(root)) == {"base"}
+
+    procs = _stage_procs(cfg_path, runs, TINY["tasks"])  # the probes: concurrent processes, one directory
+    for task, proc in zip(TINY["tasks"], procs):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        computed = [ln.split()[1] for ln in out.splitlines() if ln.startswith("▶ ")]
+        assert computed == [f"seed0/probe/{task}"], (task, out)
+    assert set(_digests(root)) == {"base"} | {f"seed0/probe/{t}" for t in TINY["tasks"]}
+
+    again = run_pipeline(load_config(TINY), runs_dir=runs, stage="probe", task="mirror")  # idempotent
+    assert {s for _, s, _ in again["stage_log"]} == {"cached"} and again["selected"] == ["seed0/probe/mirror"]
+
+    for kind in KINDS[KINDS.index("core"):]:
+        before = set(_digests(root))
+        res = run_pipeline(load_config(TINY), runs_dir=runs, stage=kind)
+        ran = {k for k, s, _ in res["stage_log"] if s == "ran"}
+        assert res["selected"] and ran == set(res["selected"]) == set(_digests(root)) - before, kind
+
+    final = run_pipeline(load_config(TINY), runs_dir=runs, write_report=False)
+    assert {s for _, s, _ in final["stage_log"]} == {"cached"}, "the per-stage commands left work undone"
+    assert _digests(root) == _digests(os.path.join(str(tmp_path / "one"), "tiny"))
+    assert final["seeds"] == one["seeds"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stage", "probes"], "--stage 'probes': unknown stage"),
+    (["--stage", "probe", "--task", "gsm8k"], "--task 'gsm8k': not a task of the config"),
+    (["--stage", "core", "--task", "shift"], "--task applies to the per-task stages (probe), not --stage core"),
+    (["--stage", "core", "--seed", "3"], "--seed 3: not a seed of the run"),
+    (["--task", "shift"], "--task needs --stage"),
+    (["--stage", "fuse", "--from", "fuse"], "--stage and --from cannot be combined"),
+])
+def test_bad_stage_arguments_fail_before_any_work(cfg_path, tmp_path, capsys, args, message):
+    runs = tmp_path / "runs"
+    assert main(["run", cfg_path, "--runs-dir", str(runs), *args]) == 2
+    _one_error_line(capsys.readouterr().err, message)
+    assert not runs.exists()
+
+
+def test_missing_prerequisite_is_named_with_its_command(cfg_path, tmp_path, capsys):
+    runs = str(tmp_path / "runs")
+    assert main(["run", cfg_path, "--runs-dir", runs, "--stage", "probe", "--task", "shift"]) == 1
+    _one_error_line(capsys.readouterr().err, "needs stage base, which is not finished",
+                    f"`cpift run {cfg_path} --stage base` first")
+    assert _digests(os.path.join(runs, "tiny")) == {}
+
+    assert main(["run", cfg_path, "--runs-dir", runs, "--stage", "base"]) == 0
+    assert main(["run", cfg_path, "--runs-dir", runs, "--stage", "probe", "--task", "shift"]) == 0
+    capsys.readouterr()
+    assert main(["run", cfg_path, "--runs-dir", runs, "--stage", "core"]) == 1
+    _one_error_line(capsys.readouterr().err, "--stage core needs stage seed0/probe/mirror",
+                    f"`cpift run {cfg_path} --stage probe --task mirror` first")
+    assert set(_digests(os.path.join(runs, "tiny"))) == {"base", "seed0/probe/shift"}
