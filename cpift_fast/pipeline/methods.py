@@ -13,7 +13,8 @@ and what is frozen:
     epi         one multi-task SFT with task-homogeneous batches; per-task importance EMAs; each
                 task's mask (top epi.ratio) refreshed every epi.interval steps after epi.warmup; a
                 task-t step freezes the other tasks' masks minus t's own (docs/epi.md)
-    epi_static  the same with the masks computed once, at epi.warmup (the CPI-FT-style ablation)
+    epi_static  the same with each task's mask computed once (at epi.warmup, or at the first later
+                refresh point for a task without a step by then): the CPI-FT-style ablation
 
 ``METHODS`` is a registry (``register``): a new method adds one entry with its label and the
 function that returns its final model stage; config, driver and report read the registry.
