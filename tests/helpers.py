@@ -16,3 +16,29 @@ def forced(backend: str):
             del os.environ["CPIFT_BACKEND"]
         else:
             os.environ["CPIFT_BACKEND"] = old
+
+
+def set_config_value(path: str, value):
+    """A function that sets the dotted config key `path` to `value` in a config dict (creating parents)."""
+    def change(cfg):
+        node = cfg
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return change
+
+
+def stage_digests(root: str) -> dict[str, str]:
+    """{stage key: output digest} of every finished stage of a run directory (hidden dirs skipped)."""
+    import json
+
+    from cpift_fast.pipeline.run import MANIFEST
+
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if MANIFEST in files:
+            with open(os.path.join(dirpath, MANIFEST)) as f:
+                out[os.path.relpath(dirpath, root).replace(os.sep, "/")] = json.load(f)["digest"]
+    return out

@@ -25,6 +25,7 @@ from cpift_fast.pipeline.freeze import FreezeGuard, FrozenDriftError
 from cpift_fast.pipeline.model import TinyLlamaSpec, build_tiny_llama, load_checkpoint
 from cpift_fast.pipeline.run import KINDS, LOCKS, MANIFEST, Run
 from cpift_fast.pipeline.tasks import make_synthetic
+from helpers import stage_digests
 
 TINY = {
     "name": "tiny",
@@ -44,16 +45,6 @@ TINY = {
     "baselines": {"ms_random": {"k": 2}, "ms_user": {"groups": [["shift", "count"], ["mirror"]]}},
     "forgetting": {"pairs": [["shift", "mirror"]]},
 }
-
-
-def _digests(root: str) -> dict[str, str]:
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if MANIFEST in files:
-            with open(os.path.join(dirpath, MANIFEST)) as f:
-                out[os.path.relpath(dirpath, root)] = json.load(f)["digest"]
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -194,14 +185,14 @@ def test_eval_and_report(tiny_run):
 
 def test_rerun_skips_every_stage_and_from_reruns_deterministically(tiny_run, tmp_path):
     results, root = tiny_run
-    before = _digests(root)
+    before = stage_digests(root)
     again = run_pipeline(load_config(TINY), runs_dir=os.path.dirname(root))
     assert {s for _, s, _ in again["stage_log"]} == {"cached"}
     assert again["seeds"][0]["scores"] == results["seeds"][0]["scores"]
     redo = run_pipeline(load_config(TINY), runs_dir=os.path.dirname(root), from_kind="fuse")
     ran = {k for k, s, _ in redo["stage_log"] if s == "ran"}
     assert "seed0/cpift/fuse" in ran and "seed0/cpift/consolidate" in ran and "seed0/probe/shift" not in ran
-    assert _digests(root) == before, "re-running from 'fuse' changed a result: the stages are not deterministic"
+    assert stage_digests(root) == before, "re-running from 'fuse' changed a result: the stages are not deterministic"
 
 
 # ----- resumability: kill a subprocess mid-run, re-run, compare with the uninterrupted run ---------
@@ -222,13 +213,13 @@ def test_killed_run_resumes_to_the_same_result(tiny_run, tmp_path):
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    partial = _digests(str(runs / "tiny"))
+    partial = stage_digests(str(runs / "tiny"))
     assert "base" in partial and "seed0/eval/cpift" not in partial
     done = subprocess.run(cmd + ["--no-progress"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "reused from an earlier run" in done.stdout
-    resumed = _digests(str(runs / "tiny"))
-    assert resumed == _digests(root), "a killed and resumed run differs from an uninterrupted one"
+    resumed = stage_digests(str(runs / "tiny"))
+    assert resumed == stage_digests(root), "a killed and resumed run differs from an uninterrupted one"
     leftovers = [d for d, _, _ in os.walk(runs) if os.path.basename(d).startswith(".tmp-")]
     assert not leftovers
 

@@ -23,6 +23,7 @@ from cpift_fast.pipeline.freeze import FrozenDriftError
 from cpift_fast.pipeline.model import TinyLlamaSpec, build_tiny_llama
 from cpift_fast.pipeline.tasks import make_synthetic
 from cpift_fast.pipeline.train import EpiSpec, TrainSpec
+from helpers import set_config_value
 
 # 3 tasks x 48 examples in batches of 16: 9 task-homogeneous steps; refreshes after steps 2, 4, 6, 8
 TINY = {
@@ -240,31 +241,21 @@ def test_warmup_beyond_the_stage_fails_before_training(monkeypatch):
                         epi=EpiSpec(policy="static", warmup=6))
 
 
-def _set(path: str, value):
-    def change(cfg):
-        node = cfg
-        parts = path.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return change
-
-
 BAD_EPI = [
-    (_set("epi.ratio", 0), r"epi\.ratio = 0 is out of range: it must be in \(0, 1\]"),
-    (_set("epi.ratio", 1.5), r"epi\.ratio = 1\.5 is out of range"),
-    (_set("epi.ratio", "most"), r"epi\.ratio must be a number, got 'most'"),
-    (_set("epi.interval", 0), r"epi\.interval = 0 is out of range"),
-    (_set("epi.interval", 2.5), r"epi\.interval must be an integer, got 2\.5"),
-    (_set("epi.warmup", -1), r"epi\.warmup = -1 is out of range"),
-    (_set("epi.warmup", STEPS), rf"epi\.warmup = {STEPS} must be below the EPI training stage's {STEPS} optimizer steps"),
-    (_set("epi.beta", 1.0), r"epi\.beta = 1\.0 is out of range: it must be in \[0, 1\)"),
-    (_set("epi.beta", -0.1), r"epi\.beta = -0\.1 is out of range"),
-    (_set("epi.signal", "grad_squared"), r"epi\.signal must be one of .*did you mean 'grad_sq'"),
-    (_set("epi.state_dtype", "fp16"), r"epi\.state_dtype must be one of float32, bfloat16, int8"),
-    (_set("epi.normalize", "tensor"), r"epi\.normalize must be one of layer, none"),
-    (_set("epi.policy", "static"), r"unknown config key 'epi\.policy'"),
-    (_set("epi", 0.05), r"config key 'epi' must be a mapping"),
+    (set_config_value("epi.ratio", 0), r"epi\.ratio = 0 is out of range: it must be in \(0, 1\]"),
+    (set_config_value("epi.ratio", 1.5), r"epi\.ratio = 1\.5 is out of range"),
+    (set_config_value("epi.ratio", "most"), r"epi\.ratio must be a number, got 'most'"),
+    (set_config_value("epi.interval", 0), r"epi\.interval = 0 is out of range"),
+    (set_config_value("epi.interval", 2.5), r"epi\.interval must be an integer, got 2\.5"),
+    (set_config_value("epi.warmup", -1), r"epi\.warmup = -1 is out of range"),
+    (set_config_value("epi.warmup", STEPS), rf"epi\.warmup = {STEPS} must be below the EPI training stage's {STEPS} optimizer steps"),
+    (set_config_value("epi.beta", 1.0), r"epi\.beta = 1\.0 is out of range: it must be in \[0, 1\)"),
+    (set_config_value("epi.beta", -0.1), r"epi\.beta = -0\.1 is out of range"),
+    (set_config_value("epi.signal", "grad_squared"), r"epi\.signal must be one of .*did you mean 'grad_sq'"),
+    (set_config_value("epi.state_dtype", "fp16"), r"epi\.state_dtype must be one of float32, bfloat16, int8"),
+    (set_config_value("epi.normalize", "tensor"), r"epi\.normalize must be one of layer, none"),
+    (set_config_value("epi.policy", "static"), r"unknown config key 'epi\.policy'"),
+    (set_config_value("epi", 0.05), r"config key 'epi' must be a mapping"),
 ]
 
 

@@ -5,7 +5,6 @@ commands — the probes as concurrent processes on one run directory — reach t
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,22 +15,12 @@ import yaml
 from cpift_fast.cli import main
 from cpift_fast.pipeline.config import load_config
 from cpift_fast.pipeline.driver import run_pipeline
-from cpift_fast.pipeline.run import KINDS, MANIFEST
+from cpift_fast.pipeline.run import KINDS
 
 from test_pipeline import TINY
+from helpers import stage_digests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _digests(root: str) -> dict[str, str]:
-    """{stage key: output digest} of every finished stage of a run directory."""
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if MANIFEST in files:
-            with open(os.path.join(dirpath, MANIFEST)) as f:
-                out[os.path.relpath(dirpath, root).replace(os.sep, "/")] = json.load(f)["digest"]
-    return out
 
 
 def _one_error_line(err: str, *needles: str) -> str:
@@ -63,7 +52,7 @@ def test_stage_by_stage_equals_one_run(cfg_path, tmp_path):
     root = os.path.join(runs, "tiny")
 
     assert main(["run", cfg_path, "--runs-dir", runs, "--stage", "base"]) == 0
-    assert set(_digests(root)) == {"base"}
+    assert set(stage_digests(root)) == {"base"}
 
     procs = _stage_procs(cfg_path, runs, TINY["tasks"])  # the probes: concurrent processes, one directory
     for task, proc in zip(TINY["tasks"], procs):
@@ -71,20 +60,20 @@ def test_stage_by_stage_equals_one_run(cfg_path, tmp_path):
         assert proc.returncode == 0, err[-3000:]
         computed = [ln.split()[1] for ln in out.splitlines() if ln.startswith("▶ ")]
         assert computed == [f"seed0/probe/{task}"], (task, out)
-    assert set(_digests(root)) == {"base"} | {f"seed0/probe/{t}" for t in TINY["tasks"]}
+    assert set(stage_digests(root)) == {"base"} | {f"seed0/probe/{t}" for t in TINY["tasks"]}
 
     again = run_pipeline(load_config(TINY), runs_dir=runs, stage="probe", task="mirror")  # idempotent
     assert {s for _, s, _ in again["stage_log"]} == {"cached"} and again["selected"] == ["seed0/probe/mirror"]
 
     for kind in KINDS[KINDS.index("core"):]:
-        before = set(_digests(root))
+        before = set(stage_digests(root))
         res = run_pipeline(load_config(TINY), runs_dir=runs, stage=kind)
         ran = {k for k, s, _ in res["stage_log"] if s == "ran"}
-        assert res["selected"] and ran == set(res["selected"]) == set(_digests(root)) - before, kind
+        assert res["selected"] and ran == set(res["selected"]) == set(stage_digests(root)) - before, kind
 
     final = run_pipeline(load_config(TINY), runs_dir=runs, write_report=False)
     assert {s for _, s, _ in final["stage_log"]} == {"cached"}, "the per-stage commands left work undone"
-    assert _digests(root) == _digests(os.path.join(str(tmp_path / "one"), "tiny"))
+    assert stage_digests(root) == stage_digests(os.path.join(str(tmp_path / "one"), "tiny"))
     assert final["seeds"] == one["seeds"]
 
 
@@ -108,7 +97,7 @@ def test_missing_prerequisite_is_named_with_its_command(cfg_path, tmp_path, caps
     assert main(["run", cfg_path, "--runs-dir", runs, "--stage", "probe", "--task", "shift"]) == 1
     _one_error_line(capsys.readouterr().err, "needs stage base, which is not finished",
                     f"`cpift run {cfg_path} --stage base` first")
-    assert _digests(os.path.join(runs, "tiny")) == {}
+    assert stage_digests(os.path.join(runs, "tiny")) == {}
 
     assert main(["run", cfg_path, "--runs-dir", runs, "--stage", "base"]) == 0
     assert main(["run", cfg_path, "--runs-dir", runs, "--stage", "probe", "--task", "shift"]) == 0
@@ -116,4 +105,4 @@ def test_missing_prerequisite_is_named_with_its_command(cfg_path, tmp_path, caps
     assert main(["run", cfg_path, "--runs-dir", runs, "--stage", "core"]) == 1
     _one_error_line(capsys.readouterr().err, "--stage core needs stage seed0/probe/mirror",
                     f"`cpift run {cfg_path} --stage probe --task mirror` first")
-    assert set(_digests(os.path.join(runs, "tiny"))) == {"base", "seed0/probe/shift"}
+    assert set(stage_digests(os.path.join(runs, "tiny"))) == {"base", "seed0/probe/shift"}

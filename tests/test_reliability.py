@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import re
 import signal
 import struct
 import subprocess
@@ -31,6 +30,7 @@ from cpift_fast.pipeline import config as config_mod
 from cpift_fast.pipeline import train as train_mod
 from cpift_fast.pipeline.config import ConfigError, load_config
 from cpift_fast.pipeline.run import MANIFEST, Run
+from helpers import set_config_value, stage_digests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -63,16 +63,6 @@ def _env() -> dict:
 
 def _cli_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "cpift_fast.cli", *args]
-
-
-def _digests(root: str) -> dict[str, str]:
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        if MANIFEST in files:
-            with open(os.path.join(dirpath, MANIFEST)) as f:
-                out[os.path.relpath(dirpath, root)] = json.load(f)["digest"]
-    return out
 
 
 def _leftovers(root: str) -> list[str]:
@@ -346,36 +336,26 @@ def test_fuse_does_not_copy_run_records(tmp_path):
 # configs: every value checked before any work
 # ==================================================================================================
 
-def _set(path: str, value):
-    def change(cfg):
-        node = cfg
-        parts = path.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return change
-
-
 BAD_CONFIGS = [
-    (_set("train.batch_size", 0), r"train\.batch_size = 0 is out of range"),
-    (_set("eval.batch_size", 0), r"eval\.batch_size = 0 is out of range"),
-    (_set("train.max_grad_norm", "big"), r"train\.max_grad_norm must be a number, got 'big'"),
-    (_set("train.weight_decay", -0.5), r"train\.weight_decay = -0\.5 is out of range"),
-    (_set("train.max_len", 1), r"train\.max_len = 1 is out of range"),
-    (_set("pretrain.examples", -5), r"pretrain\.examples = -5 is out of range"),
-    (_set("model.dtype", "float99"), r"model\.dtype must be one of .*float32.*got 'float99'"),
-    (_set("progress", "no"), r"progress must be true or false, got 'no'"),
-    (_set("name", ".."), r"name must be a plain directory name"),
-    (_set("name", "a/b"), r"name must be a plain directory name"),
-    (_set("name", ".hidden"), r"name must be a plain directory name"),
-    (_set("seeds", 0), r"seeds = 0 is out of range"),
-    (_set("seed", True), r"seed must be an integer, got True"),
-    (_set("train.lr", float("nan")), r"train\.lr must be a finite number"),
-    (_set("train.epochs", [1]), r"train\.epochs must be a number"),
-    (_set("cpift.order", "sise"), r"cpift\.order must be one of .*did you mean 'size'"),
-    (_set("threads", 1.5), r"threads must be an integer"),
-    (_set("forgetting.epochs", 0), r"forgetting\.epochs = 0 is out of range"),
-    (_set("baselines.ms_random.k", "2"), r"baselines\.ms_random\.k must be an integer"),
+    (set_config_value("train.batch_size", 0), r"train\.batch_size = 0 is out of range"),
+    (set_config_value("eval.batch_size", 0), r"eval\.batch_size = 0 is out of range"),
+    (set_config_value("train.max_grad_norm", "big"), r"train\.max_grad_norm must be a number, got 'big'"),
+    (set_config_value("train.weight_decay", -0.5), r"train\.weight_decay = -0\.5 is out of range"),
+    (set_config_value("train.max_len", 1), r"train\.max_len = 1 is out of range"),
+    (set_config_value("pretrain.examples", -5), r"pretrain\.examples = -5 is out of range"),
+    (set_config_value("model.dtype", "float99"), r"model\.dtype must be one of .*float32.*got 'float99'"),
+    (set_config_value("progress", "no"), r"progress must be true or false, got 'no'"),
+    (set_config_value("name", ".."), r"name must be a plain directory name"),
+    (set_config_value("name", "a/b"), r"name must be a plain directory name"),
+    (set_config_value("name", ".hidden"), r"name must be a plain directory name"),
+    (set_config_value("seeds", 0), r"seeds = 0 is out of range"),
+    (set_config_value("seed", True), r"seed must be an integer, got True"),
+    (set_config_value("train.lr", float("nan")), r"train\.lr must be a finite number"),
+    (set_config_value("train.epochs", [1]), r"train\.epochs must be a number"),
+    (set_config_value("cpift.order", "sise"), r"cpift\.order must be one of .*did you mean 'size'"),
+    (set_config_value("threads", 1.5), r"threads must be an integer"),
+    (set_config_value("forgetting.epochs", 0), r"forgetting\.epochs = 0 is out of range"),
+    (set_config_value("baselines.ms_random.k", "2"), r"baselines\.ms_random\.k must be an integer"),
 ]
 
 
@@ -623,7 +603,7 @@ def test_truncated_probe_checkpoint_is_rerun_by_the_pipeline(tmp_path, capsys):
     cfg["methods"] = ["full_sft"]
     first = run_pipeline(load_config(cfg), runs_dir=str(tmp_path), write_report=False)
     root = os.path.join(str(tmp_path), "small")
-    before = _digests(root)
+    before = stage_digests(root)
     probe = os.path.join(root, "base")
     shard = next(f for f in os.listdir(probe) if f.endswith(".safetensors"))
     _truncate(os.path.join(probe, shard), 1000)
@@ -631,7 +611,7 @@ def test_truncated_probe_checkpoint_is_rerun_by_the_pipeline(tmp_path, capsys):
     ran = {k for k, s, _ in again["stage_log"] if s == "ran"}
     assert ran == {"base"}, ran  # re-run, and (deterministic) the same digest: nothing downstream re-runs
     assert os.path.join(probe, shard) in capsys.readouterr().err
-    assert _digests(root) == before and again["seeds"][0]["scores"] == first["seeds"][0]["scores"]
+    assert stage_digests(root) == before and again["seeds"][0]["scores"] == first["seeds"][0]["scores"]
 
 
 def test_data_files_are_fsynced_before_the_manifest(tmp_path, monkeypatch):
@@ -668,7 +648,7 @@ def test_two_cpift_runs_on_one_directory(tmp_path):
     lone = copy.deepcopy(SMALL)
     lone["progress"] = False
     run_pipeline(load_config(lone), runs_dir=str(tmp_path / "lone"))
-    reference = _digests(str(tmp_path / "lone" / "small"))
+    reference = stage_digests(str(tmp_path / "lone" / "small"))
     for attempt in range(3):
         here = tmp_path / f"attempt{attempt}"
         here.mkdir()
@@ -680,6 +660,6 @@ def test_two_cpift_runs_on_one_directory(tmp_path):
         computed = [ln.split()[1] for out, _ in outputs for ln in out.splitlines() if ln.startswith("▶ ")]
         assert len(computed) == len(set(computed)), f"stages computed twice: {sorted(computed)}"
         assert set(computed) == set(reference), "the two runs together did not compute every stage once"
-        assert _digests(root) == reference, "a concurrent run differs from a lone one"
+        assert stage_digests(root) == reference, "a concurrent run differs from a lone one"
         assert not _leftovers(root), _leftovers(root)
         assert os.path.exists(os.path.join(root, "report.md"))
