@@ -9,6 +9,7 @@
 #include "common.h"
 
 #include <algorithm>
+#include <climits>
 #include <type_traits>
 #include <cmath>
 #include <vector>
@@ -82,21 +83,29 @@ void ema_uint8_block(uint8_t* q, float* scales, const P* g, const P* p, int64_t 
   const int64_t begin = b * kQBlock, end = std::min(n, begin + kQBlock);
   float x[kQBlock];
   const float old_step = scales[b];
-  float top = end - begin < kQBlock ? 0.0f : -INFINITY;  // a short block's padding holds zeros
+  // Importance is >= 0 and never -0.0 (a sum of non-negative products; NaN is outside the
+  // contract), so the order of the values is the integer order of their bits: an integer max,
+  // which vectorizes (a float max reduction does not, without -ffast-math).
+  int32_t top_bits = end - begin < kQBlock ? 0 : INT32_MIN;  // a short block's padding holds zeros
   for (int64_t j = begin; j < end; ++j) {
     const float v = ema_value<P>(g, p, j, static_cast<float>(q[j]) * old_step, c);
     x[j - begin] = v;
-    top = std::max(top, v);
+    top_bits = std::max(top_bits, static_cast<int32_t>(f32_bits(v)));
   }
-  const float step = top / 255.0f;
-  const float safe = step > 0.0f ? step : 1.0f;
-  const uint32_t key = block_key(stream, begin);
-  for (int64_t j = begin; j < end; ++j) {
-    const float u = static_cast<float>(random_bits(key, j) >> 8) * 0x1p-24f;
-    const float y = std::floor(x[j - begin] / safe + u);
-    q[j] = step > 0.0f ? static_cast<uint8_t>(std::min(std::max(y, 0.0f), 255.0f)) : uint8_t{0};
-  }
+  const float step = f32_from_bits(static_cast<uint32_t>(top_bits)) / 255.0f;
   scales[b] = step;
+  if (!(step > 0.0f)) {  // an all-zero block: every code 0
+    std::fill(q + begin, q + end, uint8_t{0});
+    return;
+  }
+  const uint32_t key = block_key(stream, begin);
+  const int len = static_cast<int>(end - begin);
+  uint8_t* qb = q + begin;
+  for (int k = 0; k < len; ++k) {
+    const int32_t r = static_cast<int32_t>(random_bits(key, begin + k) >> 8);  // < 2^24: exact in float
+    const float y = std::floor(x[k] / step + static_cast<float>(r) * 0x1p-24f);
+    qb[k] = static_cast<uint8_t>(static_cast<int32_t>(std::min(std::max(y, 0.0f), 255.0f)));
+  }
 }
 
 template <typename P>
