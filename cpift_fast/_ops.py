@@ -77,12 +77,11 @@ class Op:
     """
 
     def __init__(self, schema: str, *, check: Callable, fake: Callable, reference: Callable,
-                 triton_module: str, device_of: Callable | None = None, cpp: bool = True, cuda_cpp: bool = False):
+                 triton_module: str, device_of: Callable | None = None, cuda_cpp: bool = False):
         self.name = schema.split("(", 1)[0]
         self.check = check
         self.reference = reference
         self.triton_module = triton_module
-        self.cpp = cpp  # a C++ CPU kernel exists (csrc/<op>.cpp); without one, CPU runs the reference
         self.cuda_cpp = cuda_cpp  # a CUDA C++ kernel exists (csrc/cuda), as torch.ops.cpift_cuda.<name>
         self._device_of = device_of or _first_device
         LIB.define(schema)
@@ -101,26 +100,8 @@ class Op:
         """None if `backend` can run this op on `device`, else the reason it cannot."""
         if backend == "torch":
             return None
-        if backend == "cpp":
-            if device.type != "cpu":
-                return f"the C++ backend runs CPU tensors only, got a {device.type} tensor"
-            if not self.cpp:
-                return f"{self.name} has no C++ kernel yet (on CPU it runs the reference)"
-            ok, why = extension()
-            if not ok:
-                return why
-            return None if has_kernel(f"cpift::{self.name}", "CPU") else \
-                f"the extension has no CPU kernel for {self.name} (rebuild it: make install)"
-        if backend == "cuda":
-            if device.type != "cuda":
-                return f"the CUDA C++ backend runs CUDA tensors only, got a {device.type} tensor"
-            if not self.cuda_cpp:
-                return f"{self.name} has no CUDA C++ kernel (Triton is its CUDA backend)"
-            ok, why = extension()
-            if not ok:
-                return why
-            return None if has_kernel(f"cpift_cuda::{self.name}", "CUDA") else \
-                "the extension was built without CUDA kernels (no nvcc or a CPU-only torch at build time)"
+        if backend in ("cpp", "cuda"):
+            return self._extension_why_not(backend, device)
         if backend == "triton":
             version, why = triton_version()
             if version is None:
@@ -132,6 +113,22 @@ class Op:
                 return f"Triton runs CUDA tensors (or CPU tensors interpreted), got a {device.type} tensor"
             return None
         return f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+
+    def _extension_why_not(self, backend: str, device: torch.device) -> str | None:
+        """Why the compiled extension's kernel (``cpp``: CPU, ``cuda``: CUDA C++) cannot run here, or None."""
+        cpu = backend == "cpp"
+        wanted, label = ("cpu", "C++") if cpu else ("cuda", "CUDA C++")
+        if device.type != wanted:
+            return f"the {label} backend runs {wanted.upper()} tensors only, got a {device.type} tensor"
+        if not cpu and not self.cuda_cpp:
+            return f"{self.name} has no CUDA C++ kernel (Triton is its CUDA backend)"
+        ok, why = extension()
+        if not ok:
+            return why
+        if has_kernel(f"cpift::{self.name}" if cpu else f"cpift_cuda::{self.name}", "CPU" if cpu else "CUDA"):
+            return None
+        return (f"the extension has no CPU kernel for {self.name} (rebuild it: make install)" if cpu else
+                "the extension was built without CUDA kernels (no nvcc or a CPU-only torch at build time)")
 
     def backend_for(self, device: torch.device | str) -> str:
         """The backend that runs this op for tensors on `device` (raises if a forced one cannot)."""

@@ -24,19 +24,12 @@ from cpift_fast.pipeline.model import TinyLlamaSpec, build_tiny_llama
 from cpift_fast.pipeline.tasks import make_synthetic
 from cpift_fast.pipeline.train import EpiSpec, TrainSpec
 from helpers import set_config_value
+from test_pipeline import TINY as PIPELINE_TINY
 
 # 3 tasks x 48 examples in batches of 16: 9 task-homogeneous steps; refreshes after steps 2, 4, 6, 8
-TINY = {
+TINY = {  # the pipeline tests' tiny model, data and training, with the EPI methods only
+    **{k: v for k, v in PIPELINE_TINY.items() if k not in ("probe", "cpift", "baselines", "forgetting")},
     "name": "tiny_epi",
-    "seed": 0,
-    "seeds": 1,
-    "threads": 1,
-    "progress": False,
-    "model": {"source": "tiny", "hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32},
-    "pretrain": {"examples": 96, "epochs": 1.0, "lr": 3e-3},
-    "data": {"n_train": 48, "n_test": 8},
-    "tasks": ["shift", "mirror", "count"],
-    "train": {"epochs": 1.0, "batch_size": 16, "lr": 3e-3, "max_len": 24},
     "epi": {"ratio": 0.05, "interval": 2, "warmup": 2},
     "methods": ["full_sft", "epi", "epi_static"],
 }
