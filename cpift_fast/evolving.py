@@ -7,7 +7,8 @@ layer-normalized importance (:meth:`ImportanceTracker.select`). On a task-t step
     F_t = (∪_{s≠t} M_s) \\ M_t
 
 — the other tasks' important elements are protected from t's updates, t's own stay trainable. The
-F_t are computed once per refresh (ParamMasks), so a task switch is one ``optimizer.set_frozen``.
+F_t are computed once per refresh (ParamMasks), so a task switch is one ``optimizer.set_frozen``
+that copies nothing (``copy=False``: the optimizer's words are views into F_t).
 Task switches never reset moments (an element of M_t simply keeps t's moments between t's steps);
 at a refresh, elements that leave some task's frozen set (``∪_t F_t,old \\ F_t,new``) get their
 moments zeroed when the optimizer's ``reset_on_unfreeze`` is set, as MaskedAdamW does for any
@@ -27,6 +28,10 @@ while the task has had none) — the drift curve — and ``applied``: False when
 logged, set True by the next :meth:`before_step` (the refresh's masks are then in force); a refresh
 after the last step of training keeps ``applied`` False (its masks were never used).
 
+Sharded parameters (FSDP2): the masks are each rank's part of the global ones (see
+:class:`ImportanceTracker`), and the logged counts and Jaccards are summed over the ranks, so every
+rank logs the global figures.
+
 Use it as a plain hook (:meth:`EvolvingIsolation.before_step` after backward, :meth:`after_step`
 after ``optimizer.step()``) or in a ``transformers.Trainer`` through :func:`trainer_callback`. The
 batches of one optimizer step must come from one task: :class:`TaskBatchSampler` yields such
@@ -45,10 +50,22 @@ from .mask import ParamMask
 POLICIES = ("evolving", "static", "none")
 
 
-def jaccard(a: ParamMask, b: ParamMask) -> float:
-    """|a ∩ b| / |a ∪ b|; 0 for two empty masks."""
-    union = (a | b).count()
-    return (a & b).count() / union if union else 0.0
+def count(mask: ParamMask, group=None) -> int:
+    """Elements set in `mask`; with a process group, summed over the ranks' parts (sharded masks)."""
+    n = mask.count()
+    if group is None:
+        return n
+    import torch.distributed as dist
+
+    total = torch.tensor([n], dtype=torch.int64, device=mask.device)
+    dist.all_reduce(total, group=group)
+    return int(total.item())
+
+
+def jaccard(a: ParamMask, b: ParamMask, group=None) -> float:
+    """|a ∩ b| / |a ∪ b|; 0 for two empty masks (over every rank's part with a process group)."""
+    union = count(a | b, group)
+    return count(a & b, group) / union if union else 0.0
 
 
 class EvolvingIsolation:
@@ -132,7 +149,8 @@ class EvolvingIsolation:
             new.update({t: self.tracker.select(t, self.ratio) for t in self._late()})
         else:
             new = {t: self.tracker.select(t, self.ratio) for t in tasks}
-        sizes = {t: new[t].count() for t in tasks}
+        group = self.tracker.group
+        sizes = {t: count(new[t], group) for t in tasks}
         frozen = {}
         for t in tasks:
             others = ParamMask.zeros(new[t].layout, new[t].device)
@@ -145,10 +163,10 @@ class EvolvingIsolation:
             if t not in self.first and sizes[t]:
                 self.first[t] = new[t]
             old = self.masks[t] if self.masks is not None else ParamMask.zeros(new[t].layout, new[t].device)
-            records.append({"step": self.step, "task": t, "protected": sizes[t], "kept": (old & new[t]).count(),
-                            "added": (new[t] - old).count(), "released": (old - new[t]).count(),
-                            "frozen": frozen[t].count(), "jaccard_prev": jaccard(old, new[t]),
-                            "jaccard_first": jaccard(self.first[t], new[t]) if t in self.first else None,
+            records.append({"step": self.step, "task": t, "protected": sizes[t], "kept": count(old & new[t], group),
+                            "added": count(new[t] - old, group), "released": count(old - new[t], group),
+                            "frozen": count(frozen[t], group), "jaccard_prev": jaccard(old, new[t], group),
+                            "jaccard_first": jaccard(self.first[t], new[t], group) if t in self.first else None,
                             "applied": False})
         self.log += records
         self._pending, self._sizes = records, sizes
@@ -163,7 +181,7 @@ class EvolvingIsolation:
     def _set_frozen(self, mask: ParamMask | None, reset: bool) -> None:
         saved, self.optimizer.reset_on_unfreeze = self.optimizer.reset_on_unfreeze, reset
         try:
-            self.optimizer.set_frozen(mask)
+            self.optimizer.set_frozen(mask, copy=False)  # masks made here are never modified: no copy
         finally:
             self.optimizer.reset_on_unfreeze = saved
 

@@ -17,6 +17,17 @@ State per element per task: float32 (4 bytes), bfloat16 (2 bytes, stochastic rou
 (1 byte + one float32 scale per 256 elements: ≈ 1.016 bytes), see cpift_fast/ops/importance.py
 for the exact math and rounding. Stochastic rounding is seeded: the same seed, task order and
 grads give the same state bits on every backend.
+
+Sharded parameters (FSDP2 ``fully_shard``: DTensors): the state of each parameter is allocated for
+this process's local shard only, so it is sharded with the parameters (per GPU: 1/world of it).
+The layer normalization's tensor mean and the global top-k of ``select`` are all-reduced over the
+shards' process group (``group``, default: the parameters' device mesh), so every rank gets the
+exact global selection; ``importance`` and ``select`` return this rank's part (local shapes), which
+``MaskedAdamW.set_frozen`` accepts as such. ``state_dict`` holds this rank's shards (save one per
+rank). fp32 state then equals a 1-process run's slice bit for bit given the same grads; the bf16 /
+8-bit random streams and 8-bit blocks are per shard, so those states are reproducible for a given
+world size, not bit-equal to a 1-process run. Under DDP (plain replicated tensors) every rank
+holds the whole state and computes the same EMA from the same all-reduced grads.
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ import torch
 from . import ops
 from .io import TensorSource
 from .mask import ParamMask, named_tensors
+from .optim import _local, _shard_group
 from .ops.importance import QBLOCK, SIGNALS, hash32, num_scales
 from .select import core_region
 
@@ -43,11 +55,13 @@ class ImportanceTracker:
     named_params: ``model.named_parameters()``, a module, or (name, tensor) pairs (the order is the
     mask layout's). tasks: task names. beta ∈ [0, 1). signal: "grad_x_param" | "grad_sq" |
     "grad_abs". state_dtype: torch.float32 | torch.bfloat16 | "int8". normalize: "layer" | "none".
-    seed: the stochastic-rounding stream (unused with float32 state).
+    seed: the stochastic-rounding stream (unused with float32 state). group: the process group of
+    sharded (DTensor) parameters' shards (default: their device mesh's; see the module doc).
     """
 
     def __init__(self, named_params, tasks: Iterable[str], beta: float = 0.99, signal: str = "grad_x_param",
-                 state_dtype: torch.dtype | str = torch.float32, normalize: str = "layer", seed: int = 0):
+                 state_dtype: torch.dtype | str = torch.float32, normalize: str = "layer", seed: int = 0,
+                 group=None):
         self.params: list[tuple[str, torch.Tensor]] = named_tensors(named_params)
         self.tasks: tuple[str, ...] = tuple(tasks)
         if not self.tasks or len(set(self.tasks)) != len(self.tasks) or \
@@ -76,12 +90,23 @@ class ImportanceTracker:
         self.normalize = normalize
         self.seed = seed
         self.active: str | None = None
+        self._index = {id(p): k for k, (_, p) in enumerate(self.params)}  # parameter -> its position
         self.counts = dict.fromkeys(self.tasks, 0)  # updates per task (bias correction, random stream)
+        self.group = group if group is not None else _shard_group([p for _, p in self.params])
         storage = _STORAGE[self.state_dtype]
-        self.state = {t: [torch.zeros(p.shape, dtype=storage, device=p.device) for _, p in self.params]
-                      for t in self.tasks}
-        self.scales = {t: ([torch.zeros(num_scales(p.numel()), dtype=torch.float32, device=p.device)
-                            for _, p in self.params] if self.state_dtype == "int8" else []) for t in self.tasks}
+        local = [_local(p) for _, p in self.params]
+        self.state = {t: [torch.zeros(p.shape, dtype=storage, device=p.device) for p in local] for t in self.tasks}
+        self.scales = {t: ([torch.zeros(num_scales(p.numel()), dtype=torch.float32, device=p.device) for p in local]
+                           if self.state_dtype == "int8" else []) for t in self.tasks}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_index"]  # object ids: rebuilt for the copied parameters (deepcopy, pickle)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._index = {id(p): k for k, (_, p) in enumerate(self.params)}
 
     # ----- update ------------------------------------------------------------------------------
 
@@ -96,19 +121,43 @@ class ImportanceTracker:
         before the optimizer step). Parameters without a grad keep their EMA. Under a GradScaler
         whose scale is still in the grads, pass ``grad_scale`` (and ``found_inf``: a nonzero value
         leaves the state untouched; the update count still advances)."""
-        if self.active is None:
-            raise RuntimeError("ImportanceTracker.update: no active task; call set_task(name) first")
-        task = self.active
-        live = [k for k, (_, p) in enumerate(self.params) if p.grad is not None]
+        self._active("update")
+        live = [p for _, p in self.params if p.grad is not None]
         if live:
-            stream = (hash32(self.tasks.index(task) + 1) + self.counts[task]) & _M32  # (task, update) -> 32 bits
-            call_seed = hash32(self.seed ^ hash32(stream))
-            state = [self.state[task][k] for k in live]
-            scales = [self.scales[task][k] for k in live] if self.state_dtype == "int8" else []
-            ops.importance_ema_(state, scales, [self.params[k][1].grad for k in live],
-                                [self.params[k][1].detach() for k in live], self.beta, SIGNALS.index(self.signal),
-                                call_seed, grad_scale, found_inf)
-        self.counts[task] += 1
+            state, scales, ids = self.ema_arguments(live)
+            ops.importance_ema_(state, scales, [_local(p.grad) for p in live], [_local(p.detach()) for p in live], self.beta,
+                                SIGNALS.index(self.signal), self.call_seed(), grad_scale, found_inf, ids)
+        self.advance()
+
+    # ----- the fused step's side (MaskedAdamW(importance=tracker)) ------------------------------
+
+    def tracks(self, param: torch.Tensor) -> bool:
+        """Whether `param` is one of the tracker's parameters (by identity)."""
+        return id(param) in self._index
+
+    def call_seed(self) -> int:
+        """The random seed of the active task's next update: a hash of (seed, task, update count)."""
+        task = self._active("call_seed")
+        stream = (hash32(self.tasks.index(task) + 1) + self.counts[task]) & _M32  # (task, update) -> 32 bits
+        return hash32(self.seed ^ hash32(stream))
+
+    def ema_arguments(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+        """(state, scales, ids) of the active task for these parameters (each tracked), as the EMA ops
+        take them: ids are the parameters' positions in the tracker, which key their random streams,
+        so a fused optimizer step and :meth:`update` store the same bits."""
+        task = self._active("ema_arguments")
+        ids = [self._index[id(p)] for p in params]
+        scales = [self.scales[task][k] for k in ids] if self.state_dtype == "int8" else []
+        return [self.state[task][k] for k in ids], scales, ids
+
+    def advance(self) -> None:
+        """Count one update of the active task (after the EMA step, fused or not)."""
+        self.counts[self._active("advance")] += 1
+
+    def _active(self, where: str) -> str:
+        if self.active is None:
+            raise RuntimeError(f"ImportanceTracker.{where}: no active task; call set_task(name) first")
+        return self.active
 
     # ----- readout -----------------------------------------------------------------------------
 
@@ -127,35 +176,59 @@ class ImportanceTracker:
         q = torch.nn.functional.pad(s.view(-1).float(), (0, pad)).view(-1, QBLOCK)
         return (q * self.scales[task][k][:, None]).view(-1)[:n].view(s.shape)
 
-    def _readout(self, task: str, k: int, bias_correction: bool) -> torch.Tensor:
+    def _means(self, task: str) -> list[float] | None:
+        """Each tensor's mean raw importance over all its shards (None without layer normalization):
+        one all-reduce of (sum, count) per call when the parameters are sharded."""
+        if self.normalize != "layer":
+            return None
+        device = self.state[task][0].device
+        totals = torch.zeros(len(self.params), 2, dtype=torch.float64, device=device)
+        for k in range(len(self.params)):
+            x = self._raw(task, k)
+            totals[k, 0] = x.sum(dtype=torch.float64)
+            totals[k, 1] = x.numel()
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(totals, group=self.group)
+        return [s / n if n else 0.0 for s, n in totals.tolist()]
+
+    def _readout(self, task: str, k: int, bias_correction: bool, means: list[float] | None) -> torch.Tensor:
         x = self._raw(task, k)
         if bias_correction and self.counts[task]:
             x = x / (1.0 - self.beta ** self.counts[task])
-        if self.normalize == "layer":
-            mean = x.mean()
-            x = x / mean if mean > 0 else torch.zeros_like(x)
+        if means is not None:
+            mean = torch.tensor(means[k], dtype=torch.float32)
+            if bias_correction and self.counts[task]:
+                mean = mean / (1.0 - self.beta ** self.counts[task])
+            x = x / mean.to(x.device) if mean > 0 else torch.zeros_like(x)
         return x
 
     def importance(self, task: str, bias_correction: bool = False) -> dict[str, torch.Tensor]:
-        """{name: float32 importance of `task`} (layer-normalized when normalize="layer")."""
+        """{name: float32 importance of `task`} (layer-normalized when normalize="layer"); this rank's
+        shards for sharded parameters."""
         self._task(task, "importance")
-        return {name: self._readout(task, k, bias_correction) for k, (name, _) in enumerate(self.params)}
+        means = self._means(task)
+        return {name: self._readout(task, k, bias_correction, means) for k, (name, _) in enumerate(self.params)}
 
     def select(self, task: str, ratio: float) -> ParamMask:
         """The exact top-`ratio` elements of importance(task) over all tensors (a CoreMask: ``.info``
-        says how many were selected; fewer than round(ratio·N) when fewer are nonzero)."""
+        says how many were selected; fewer than round(ratio·N) when fewer are nonzero). Sharded
+        parameters: the global top-k over every rank's shards, returned as this rank's part."""
         self._task(task, "select")
         index = {name: k for k, (name, _) in enumerate(self.params)}
         names = [name for name, _ in self.params]
-        shapes = {name: tuple(p.shape) for name, p in self.params}
+        state = self.state[task]
+        shapes = {name: tuple(state[k].shape) for k, name in enumerate(names)}
         dtypes = dict.fromkeys(names, torch.float32)
-        zeros = TensorSource(names, shapes, dtypes, lambda n: torch.zeros(shapes[n], device=self.params[index[n]][1].device),
+        means = self._means(task)
+        zeros = TensorSource(names, shapes, dtypes, lambda n: torch.zeros(shapes[n], device=state[index[n]].device),
                              "zero importance")
-        source = TensorSource(names, shapes, dtypes, lambda n: self._readout(task, index[n], False),
+        source = TensorSource(names, shapes, dtypes, lambda n: self._readout(task, index[n], False, means),
                               f"importance of task {task!r}")
         with warnings.catch_warnings():  # fewer nonzero than k is normal early on: info.short_by says it
             warnings.filterwarnings("ignore", message="core_region: only", category=UserWarning)
-            return core_region(zeros, source, ratio, progress=False)
+            return core_region(zeros, source, ratio, progress=False, group=self.group)
 
     def state_bytes(self) -> int:
         """Bytes of EMA state over all tasks (state tensors plus 8-bit scales)."""

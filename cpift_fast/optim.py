@@ -20,6 +20,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import ops
 from .mask import MaskLayout, ParamMask
+from .ops.importance import SIGNALS
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -34,9 +35,29 @@ def _is_dtensor(t: torch.Tensor) -> bool:
     return _DTensor is not None and isinstance(t, _DTensor)
 
 
+def _subset(args: tuple, index: list[int]) -> tuple:
+    """masked_adamw_'s arguments restricted to the tensors at `index` (per-tensor lists and steps;
+    an empty list — no amsgrad, no mask — stays empty)."""
+    lists = tuple([ts[k] for k in index] if ts else [] for ts in args[:6])
+    steps = args[6][torch.tensor(index, device=args[6].device)]
+    return (*lists, steps, *args[7:])
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor this process holds: a DTensor's local shard, else the tensor itself."""
     return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_group(params: list[torch.Tensor]):
+    """The process group over which DTensor parameters are sharded (their 1-D device mesh's), or None
+    when no parameter is a DTensor."""
+    for p in params:
+        if _is_dtensor(p):
+            mesh = p.device_mesh
+            if mesh.ndim != 1:
+                raise ValueError(f"sharded parameters on a {mesh.ndim}-D device mesh: pass group= explicitly")
+            return mesh.get_group()
+    return None
 
 
 def _localize(words: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -92,12 +113,15 @@ def _frozen_words(named: list[tuple[str | None, torch.Tensor]],
                 raise ValueError(f"frozen mask has no tensor named {name!r} (it covers {len(frozen.names)} tensors, "
                                  f"e.g. {list(frozen.names[:3])}): the mask was built for other parameters")
             shape = frozen.layout.shapes[frozen.layout.index[name]]
-            if shape != tuple(p.shape):
+            local = shape != tuple(p.shape) and _is_dtensor(p) and shape == tuple(_local(p).shape)
+            if shape != tuple(p.shape) and not local:
                 raise ValueError(f"frozen mask tensor {name!r} has shape {list(shape)}, the parameter has shape "
-                                 f"{list(p.shape)}")
+                                 f"{list(p.shape)}" + (f" (local shard {list(_local(p).shape)})" if _is_dtensor(p)
+                                                       else ""))
             device = _local(p).device
-            key = ("param_mask", name, device, _is_dtensor(p))
-            out.append(_cached(frozen.words, key, lambda: _localize(frozen.tensor_words(name).to(device), p)))
+            key = ("param_mask", name, device, _is_dtensor(p) and not local)
+            out.append(_cached(frozen.words, key, lambda: frozen.tensor_words(name).to(device) if local
+                               else _localize(frozen.tensor_words(name).to(device), p)))
         return out
     if isinstance(frozen, Mapping):
         given = {id(key): bits for key, bits in frozen.items()}
@@ -168,7 +192,9 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     ``frozen``: a :class:`ParamMask` matched to parameters by name (``params`` must then be named:
     ``model.named_parameters()`` or groups of (name, param) pairs; a missing name or another shape is
-    an error), or ``{parameter: bool tensor}`` (True = frozen). ``set_frozen`` changes it between
+    an error; for a sharded (DTensor) parameter the mask's tensor has either the full shape — cut to
+    this rank's shard — or the local shard's shape — this rank's part, as
+    ``ImportanceTracker.select`` returns it), or ``{parameter: bool tensor}`` (True = frozen). ``set_frozen`` changes it between
     steps; with ``reset_on_unfreeze`` the moments of elements that become trainable are zeroed.
     ``state_dtype=torch.float32`` keeps fp32 moments for bf16/fp16 params (default: param dtype).
     ``names_from=model`` names bare parameters through ``model.named_parameters()`` (identity), for
@@ -176,8 +202,10 @@ class MaskedAdamW(torch.optim.Optimizer):
     (MaskedAdamW, {"frozen": mask, "names_from": model}))``; wrapper prefixes (DDP's ``module.``,
     ``torch.compile``'s ``_orig_mod.``) are removed from those names.
     ``importance=tracker`` (a :class:`cpift_fast.importance.ImportanceTracker` over these parameters)
-    updates the tracker's active task's importance EMA at the start of every step, from the grads
-    and parameters before the update (GradScaler's scale and inf-skip applied to it too).
+    updates the tracker's active task's importance EMA in the step's own pass (the fused op
+    ``masked_adamw_ema_``: g and θ read once), from the grads and the parameters before the update
+    (GradScaler's scale and inf-skip applied to it too); the bits equal ``tracker.update()`` followed
+    by a plain step. Parameters the tracker does not hold are stepped without an EMA.
 
     Every keyword of ``torch.optim.AdamW`` is accepted. ``lr`` may be a float or a one-element tensor
     (a tensor lr changed by a scheduler recompiles nothing under ``torch.compile``). ``foreach`` and
@@ -275,11 +303,15 @@ class MaskedAdamW(torch.optim.Optimizer):
             out.extend(zip(names, group["params"]))
         return out
 
-    def set_frozen(self, frozen: ParamMask | Mapping[torch.Tensor, torch.Tensor] | None) -> None:
-        """Freeze exactly the elements set in `frozen` from the next step on (None: nothing frozen)."""
+    def set_frozen(self, frozen: ParamMask | Mapping[torch.Tensor, torch.Tensor] | None, *, copy: bool = True) -> None:
+        """Freeze exactly the elements set in `frozen` from the next step on (None: nothing frozen).
+
+        A ParamMask is copied (the optimizer's words are views into its copy), so later edits by the
+        caller stay out; ``copy=False`` uses the mask's words in place — no N/8-byte copy, for callers
+        that switch between masks they never modify (EPI's per-task frozen sets)."""
         named = self._named_params()
-        if isinstance(frozen, ParamMask):
-            frozen = frozen.clone()  # the words below are views into it: later edits by the caller stay out
+        if isinstance(frozen, ParamMask) and copy:
+            frozen = frozen.clone()
         words = _frozen_words(named, frozen) if frozen is not None else None
         if self.reset_on_unfreeze:
             for k, (_, p) in enumerate(named):
@@ -330,15 +362,17 @@ class MaskedAdamW(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if self.importance is not None:  # g and θ before the step
-            self.importance.update(grad_scale, found_inf)
+        tracker = self.importance
+        ema_seed = tracker.call_seed() if tracker is not None else None  # raises without an active task
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
             amsgrad = group["amsgrad"]
             params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, words, step_counts = [], [], [], [], [], [], []
+            stepped = []  # the parameters (not their local shards) in `params` order
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                stepped.append(p)
                 if p.grad.is_sparse:
                     raise RuntimeError("MaskedAdamW does not support sparse gradients")
                 state = self._state_for(p, amsgrad)
@@ -362,11 +396,23 @@ class MaskedAdamW(torch.optim.Optimizer):
             else:
                 words = [w if w is not None else torch.zeros((t.numel() + 31) // 32, dtype=torch.int32,
                                                              device=t.device) for w, t in zip(words, params)]
-            ops.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, words, steps, lr, float(beta1),
-                              float(beta2), float(group["weight_decay"]), float(group["eps"]), bool(amsgrad),
-                              bool(group["maximize"]), grad_scale, found_inf)
+            args = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, words, steps, lr, float(beta1), float(beta2),
+                    float(group["weight_decay"]), float(group["eps"]), bool(amsgrad), bool(group["maximize"]),
+                    grad_scale, found_inf)
+            tracked = [k for k, p in enumerate(stepped) if tracker.tracks(p)] if tracker is not None else []
+            if tracked:
+                rest = [k for k in range(len(stepped)) if k not in set(tracked)]
+                state, scales, ids = tracker.ema_arguments([stepped[k] for k in tracked])
+                ema = (state, scales, tracker.beta, SIGNALS.index(tracker.signal), ema_seed, ids)
+                ops.masked_adamw_ema_(*_subset(args, tracked), *ema)
+                if rest:
+                    ops.masked_adamw_(*_subset(args, rest))
+            else:
+                ops.masked_adamw_(*args)
             if found_inf is not None:  # a skipped step does not count (as torch's fused AdamW)
                 torch._foreach_sub_(step_counts, [found_inf.to(s.device, torch.float32) for s in step_counts])
+        if tracker is not None:
+            tracker.advance()
         return loss
 
     # ----- state dict --------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 // Masked AdamW: one fused pass over param, grad, exp_avg, exp_avg_sq (and max_exp_avg_sq) per
 // tensor, with a 1-bit-per-element frozen mask (bit i of tensor t = bit i % 32 of frozen[t][i / 32]).
+// masked_adamw_ema_ adds EPI's importance EMA (csrc/ema.h) to the same pass: per 256-element block,
+// the EMA first (every element, from the grads and the params before the step), then the block's
+// AdamW update, so g and θ are read from memory once.
 //
 // Trainable elements follow torch.optim.AdamW (decoupled decay first, bias correction, eps after
 // sqrt), computed in fp32 whatever the storage dtype (bf16/fp16 widened, rounded once on store).
@@ -10,6 +13,7 @@
 // GCC 12 flags its own _mm512_undefined_ps() (self-initialised) when AVX-512 intrinsics inline.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "common.h"
+#include "ema.h"
 
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -130,28 +134,57 @@ inline void update16(P* p, const P* g, S* m, S* v, S* vmax, __mmask16 valid, __m
 }
 #endif
 
+// AdamW on mask words [w0, w1) of one tensor of n elements.
 template <typename P, typename S, bool AMSGRAD>
-void step_tensor(P* p, const P* g, S* m, S* v, S* vmax, const int32_t* frozen, int64_t n,
-                 const AdamWConsts& c) {
-  const int64_t nwords = (n + 31) / 32;
-  at::parallel_for(0, nwords, kGrain / 32, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) {
-      const uint32_t bits = frozen ? as_u32(frozen[w]) : 0u;
-      if (bits == 0xFFFFFFFFu) continue;
-      const int64_t i = w * 32;
-      const int len = static_cast<int>(std::min<int64_t>(32, n - i));
-      S* vmax_i = AMSGRAD ? vmax + i : nullptr;
+inline void step_words(P* p, const P* g, S* m, S* v, S* vmax, const int32_t* frozen, int64_t n, int64_t w0, int64_t w1,
+                       const AdamWConsts& c) {
+  for (int64_t w = w0; w < w1; ++w) {
+    const uint32_t bits = frozen ? as_u32(frozen[w]) : 0u;
+    if (bits == 0xFFFFFFFFu) continue;
+    const int64_t i = w * 32;
+    const int len = static_cast<int>(std::min<int64_t>(32, n - i));
+    S* vmax_i = AMSGRAD ? vmax + i : nullptr;
 #ifdef CPIFT_ADAMW_AVX512
-      const uint32_t valid = len == 32 ? 0xFFFFFFFFu : ((1u << len) - 1u);
-      const uint32_t write = valid & ~bits;
-      update16<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, vmax_i, static_cast<__mmask16>(valid),
-                              static_cast<__mmask16>(write), c);
-      if (len > 16)
-        update16<P, S, AMSGRAD>(p + i + 16, g + i + 16, m + i + 16, v + i + 16, AMSGRAD ? vmax_i + 16 : nullptr,
-                                static_cast<__mmask16>(valid >> 16), static_cast<__mmask16>(write >> 16), c);
+    const uint32_t valid = len == 32 ? 0xFFFFFFFFu : ((1u << len) - 1u);
+    const uint32_t write = valid & ~bits;
+    update16<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, vmax_i, static_cast<__mmask16>(valid),
+                            static_cast<__mmask16>(write), c);
+    if (len > 16)
+      update16<P, S, AMSGRAD>(p + i + 16, g + i + 16, m + i + 16, v + i + 16, AMSGRAD ? vmax_i + 16 : nullptr,
+                              static_cast<__mmask16>(valid >> 16), static_cast<__mmask16>(write >> 16), c);
 #else
-      update_chunk<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, vmax_i, bits, len, c);
+    update_chunk<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, vmax_i, bits, len, c);
 #endif
+  }
+}
+
+// The EMA half of the fused step: the tensor's EMA target and the call's EMA constants.
+struct EmaStep {
+  ema::Target target;
+  const ema::Consts* consts;
+};
+
+// One tensor's step. With `ema`, the importance EMA of each 256-element block is computed first,
+// from the block's grads and (not yet updated) params, then the block's 8 mask words are stepped:
+// g and θ come from memory once (the AdamW half finds them in L1), and the EMA covers every element,
+// frozen ones included (their grads still measure importance).
+template <typename P, typename S, bool AMSGRAD>
+void step_tensor(P* p, const P* g, S* m, S* v, S* vmax, const int32_t* frozen, int64_t n, const AdamWConsts& c,
+                 const EmaStep* ema) {
+  const int64_t nwords = (n + 31) / 32;
+  if (ema == nullptr) {
+    at::parallel_for(0, nwords, kGrain / 32, [&](int64_t begin, int64_t end) {
+      step_words<P, S, AMSGRAD>(p, g, m, v, vmax, frozen, n, begin, end, c);
+    });
+    return;
+  }
+  constexpr int64_t kWordsPerBlock = ema::kQBlock / 32;
+  const int64_t nblocks = (n + ema::kQBlock - 1) / ema::kQBlock;
+  at::parallel_for(0, nblocks, kGrain / ema::kQBlock, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      ema::blocks<P>(ema->target, g, p, n, b, b + 1, *ema->consts);
+      step_words<P, S, AMSGRAD>(p, g, m, v, vmax, frozen, n, b * kWordsPerBlock,
+                                std::min(nwords, (b + 1) * kWordsPerBlock), c);
     }
   });
 }
@@ -202,23 +235,23 @@ AdamWConsts make_consts(float step_size, float bc2_sqrt, float decay, double bet
 
 template <typename P, typename S>
 void dispatch_amsgrad(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
-                      const at::Tensor* vmax, const int32_t* frozen, const AdamWConsts& c) {
+                      const at::Tensor* vmax, const int32_t* frozen, const AdamWConsts& c, const EmaStep* ema) {
   S* vmax_ptr = vmax ? vmax->data_ptr<S>() : nullptr;
   if (vmax)
     step_tensor<P, S, true>(p.data_ptr<P>(), g.data_ptr<P>(), m.data_ptr<S>(), v.data_ptr<S>(), vmax_ptr,
-                            frozen, p.numel(), c);
+                            frozen, p.numel(), c, ema);
   else
     step_tensor<P, S, false>(p.data_ptr<P>(), g.data_ptr<P>(), m.data_ptr<S>(), v.data_ptr<S>(), nullptr,
-                             frozen, p.numel(), c);
+                             frozen, p.numel(), c, ema);
 }
 
 template <typename P>
 void dispatch_state(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
-                    const at::Tensor* vmax, const int32_t* frozen, const AdamWConsts& c) {
+                    const at::Tensor* vmax, const int32_t* frozen, const AdamWConsts& c, const EmaStep* ema) {
   if (m.scalar_type() == at::kFloat)
-    dispatch_amsgrad<P, float>(p, g, m, v, vmax, frozen, c);
+    dispatch_amsgrad<P, float>(p, g, m, v, vmax, frozen, c, ema);
   else
-    dispatch_amsgrad<P, P>(p, g, m, v, vmax, frozen, c);
+    dispatch_amsgrad<P, P>(p, g, m, v, vmax, frozen, c, ema);
 }
 
 void check_same(const at::Tensor& t, const at::Tensor& p, const char* what, int64_t i) {
@@ -230,11 +263,21 @@ void check_same(const at::Tensor& t, const at::Tensor& p, const char* what, int6
 
 }  // namespace
 
-void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList frozen,
-                   const at::Tensor& steps, const at::Tensor& lr, double beta1, double beta2, double weight_decay,
-                   double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+namespace {
+
+// The EMA arguments of the fused op (absent for masked_adamw_).
+struct EmaArgs {
+  at::TensorList state, scales;
+  double beta;
+  int64_t signal, seed;
+  at::IntArrayRef ids;
+};
+
+void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                at::TensorList max_exp_avg_sqs, at::TensorList frozen, const at::Tensor& steps, const at::Tensor& lr,
+                double beta1, double beta2, double weight_decay, double eps, bool amsgrad, bool maximize,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf,
+                const EmaArgs* ema_args) {
   const int64_t T = static_cast<int64_t>(params.size());
   TORCH_CHECK(static_cast<int64_t>(grads.size()) == T && static_cast<int64_t>(exp_avgs.size()) == T &&
                   static_cast<int64_t>(exp_avg_sqs.size()) == T && steps.dim() == 1 && steps.numel() == T,
@@ -253,7 +296,25 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
     scale = grad_scale->to(at::kCPU).item<float>();
   }
   const StepScalars scalars = step_scalars(steps, lr, beta1, beta2, weight_decay);
+  ema::Consts ema_consts{};
+  if (ema_args) {
+    TORCH_CHECK(static_cast<int64_t>(ema_args->state.size()) == T && (ema_args->ids.empty() ||
+                    static_cast<int64_t>(ema_args->ids.size()) == T),
+                "masked_adamw_ema_: ema_state and ema_ids must hold one entry per param (", T, "), got ",
+                ema_args->state.size(), " and ", ema_args->ids.size());
+    ema_consts = ema::consts(ema_args->beta, ema_args->signal, grad_scale);
+  }
+  int64_t next_scale = 0;  // ema_scales holds one tensor per uint8 state tensor, in order
   for (int64_t i = 0; i < T; ++i) {
+    EmaStep ema_step{};
+    if (ema_args) {
+      const at::Tensor& s = ema_args->state[i];
+      TORCH_CHECK(s.device().is_cpu() && s.is_contiguous() && s.numel() == params[i].numel(),
+                  "masked_adamw_ema_: ema_state[", i, "] must be a contiguous CPU tensor of ", params[i].numel(),
+                  " elements");
+      float* sc = s.scalar_type() == at::kByte ? ema_args->scales[next_scale++].data_ptr<float>() : nullptr;
+      ema_step = EmaStep{ema::target(s, sc, ema::stream_of(ema_args->seed, ema_args->ids, i)), &ema_consts};
+    }
     const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;
     const auto dtype = p.scalar_type();
@@ -289,13 +350,37 @@ void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList e
                 scalars.steps[i]);
     const AdamWConsts c = make_consts(scalars.step_size[i], scalars.bc2_sqrt[i], scalars.decay, beta1, beta2, eps,
                                       maximize, grad_scale.has_value(), scale);
+    const EmaStep* ema = ema_args ? &ema_step : nullptr;
     if (dtype == at::kFloat)
-      dispatch_state<float>(p, g, exp_avgs[i], exp_avg_sqs[i], vmax, words, c);
+      dispatch_state<float>(p, g, exp_avgs[i], exp_avg_sqs[i], vmax, words, c, ema);
     else if (dtype == at::kBFloat16)
-      dispatch_state<c10::BFloat16>(p, g, exp_avgs[i], exp_avg_sqs[i], vmax, words, c);
+      dispatch_state<c10::BFloat16>(p, g, exp_avgs[i], exp_avg_sqs[i], vmax, words, c, ema);
     else
-      dispatch_state<c10::Half>(p, g, exp_avgs[i], exp_avg_sqs[i], vmax, words, c);
+      dispatch_state<c10::Half>(p, g, exp_avgs[i], exp_avg_sqs[i], vmax, words, c, ema);
   }
+}
+
+}  // namespace
+
+void masked_adamw_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList frozen,
+                   const at::Tensor& steps, const at::Tensor& lr, double beta1, double beta2, double weight_decay,
+                   double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, beta1, beta2, weight_decay, eps,
+             amsgrad, maximize, grad_scale, found_inf, nullptr);
+}
+
+void masked_adamw_ema_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList frozen,
+                       const at::Tensor& steps, const at::Tensor& lr, double beta1, double beta2, double weight_decay,
+                       double eps, bool amsgrad, bool maximize, const std::optional<at::Tensor>& grad_scale,
+                       const std::optional<at::Tensor>& found_inf, at::TensorList ema_state,
+                       at::TensorList ema_scales, double ema_beta, int64_t ema_signal, int64_t ema_seed,
+                       at::IntArrayRef ema_ids) {
+  const EmaArgs args{ema_state, ema_scales, ema_beta, ema_signal, ema_seed, ema_ids};
+  adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, beta1, beta2, weight_decay, eps,
+             amsgrad, maximize, grad_scale, found_inf, &args);
 }
 
 namespace {
@@ -363,5 +448,6 @@ at::Tensor masked_grad_sq_norm(at::TensorList grads, at::TensorList frozen) {
 // Schemas live in cpift_fast/ops/ (Python); this file registers only its CPU kernels.
 TORCH_LIBRARY_IMPL(cpift, CPU, m) {
   m.impl("masked_adamw_", &cpift::masked_adamw_);
+  m.impl("masked_adamw_ema_", &cpift::masked_adamw_ema_);
   m.impl("masked_grad_sq_norm", &cpift::masked_grad_sq_norm);
 }

@@ -23,7 +23,6 @@ pointer (the bucket's first tensor, 16-byte aligned) plus a per-tensor element o
 raw pointers cast from integers would hide that alignment from the compiler.
 """
 
-import functools
 import struct
 
 import torch
@@ -31,23 +30,16 @@ import triton
 import triton.language as tl
 
 from ._common import FP_OPTIONS, KernelSpec, round_f32_to, to_f32
-from .mask import segment_blocks
+from ._launch import _align, _at, _block_table, _buckets, _constants, _offsets, _table
+from .importance import QBLOCK, ROWS, _ema_tile, _hash32, _tensor_seed, scale_of
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_E_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.uint8: tl.uint8}  # EMA state
 
-GPU_BLOCK = 1024  # elements per program (4 warps: 8 per thread); the interpreter runs this one too
+# elements per program (4 warps: 8 per thread; 1024), the interpreter runs this one too; equal to the
+# fused AdamW + EMA kernel's (ROWS, QBLOCK) tile, so both use one block table
+GPU_BLOCK = ROWS * QBLOCK
 SUM_BLOCK = 1024  # partial sums per iteration of the per-tensor reduction
-
-
-@triton.jit
-def _at(base, offs_table, t, ALIGN: tl.constexpr):
-    """Tensor t's data: `base` (a typed pointer, 16-byte aligned) plus its element offset from the
-    table. ALIGN > 1 asserts the offset is a multiple of ALIGN elements (the launcher checked every
-    pointer is 16-byte aligned), so full blocks load and store 16 bytes per instruction."""
-    off = tl.load(offs_table + t)
-    if ALIGN > 1:
-        off = tl.multiple_of(off, ALIGN)
-    return base + off
 
 
 @triton.jit
@@ -88,14 +80,13 @@ def _store(ptr, offs, new, old, write, inside, DTYPE: tl.constexpr, FULL: tl.con
 
 
 @triton.jit
-def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, write, inside, step_size, bc2_sqrt, decay, grad_scale,
-                 lerp_from_m, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr,
-                 S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, FULL: tl.constexpr):
-    """The AdamW math of one block (the C++ adamw_math, operation for operation). grad_scale carries
-    GradScaler's scale (1.0 without one) and maximize's sign: g / ±scale is -(g / scale) or g / scale
-    and g / ±1.0 is ±g, bit for bit, so one code path serves every case."""
-    g = tl.div_rn(to_f32(_load(g_ptr, offs, inside, FULL)), grad_scale)
-    p_raw = _load(p_ptr, offs, inside, FULL)
+def _adamw_update(p_ptr, m_ptr, v_ptr, vmax_ptr, g, p_raw, offs, write, inside, step_size, bc2_sqrt, decay,
+                  lerp_from_m, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                  AMSGRAD: tl.constexpr, FULL: tl.constexpr):
+    """The AdamW math of one block (the C++ adamw_math, operation for operation) from g (fp32, already
+    divided by grad_scale) and the raw param values. grad_scale carries GradScaler's scale (1.0
+    without one) and maximize's sign: g / ±scale is -(g / scale) or g / scale and g / ±1.0 is ±g,
+    bit for bit, so one code path serves every case."""
     m_raw = _load(m_ptr, offs, inside, FULL)
     v_raw = _load(v_ptr, offs, inside, FULL)
     p = to_f32(p_raw) * decay
@@ -113,6 +104,33 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, write, inside, step
     _store(p_ptr, offs, p, p_raw, write, inside, P_DTYPE, FULL)
     _store(m_ptr, offs, m, m_raw, write, inside, S_DTYPE, FULL)
     _store(v_ptr, offs, v, v_raw, write, inside, S_DTYPE, FULL)
+
+
+@triton.jit
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, write, inside, step_size, bc2_sqrt, decay, grad_scale,
+                 lerp_from_m, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE: tl.constexpr,
+                 S_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, FULL: tl.constexpr):
+    """Load g and θ of one block, then :func:`_adamw_update`."""
+    g = tl.div_rn(to_f32(_load(g_ptr, offs, inside, FULL)), grad_scale)
+    p_raw = _load(p_ptr, offs, inside, FULL)
+    _adamw_update(p_ptr, m_ptr, v_ptr, vmax_ptr, g, p_raw, offs, write, inside, step_size, bc2_sqrt, decay,
+                  lerp_from_m, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE, S_DTYPE, AMSGRAD, FULL)
+
+
+@triton.jit
+def _adamw_ema_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, e_ptr, esc_ptr, offs, write, inside, rows, rows_inside,
+                     step_size, bc2_sqrt, decay, grad_scale, lerp_from_m, lerp_coeff, beta2, one_minus_beta2, eps,
+                     tseed, hi_hash, ema_beta, ema_one_minus_beta, signal, P_DTYPE: tl.constexpr,
+                     S_DTYPE: tl.constexpr, E_DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, FULL: tl.constexpr):
+    """g and θ loaded once; the EMA (every lane, from θ before the step), then the AdamW update. The
+    EMA's g is AdamW's g: dividing by -scale (maximize) only flips its sign, and every signal is even
+    in g, so the EMA gets the bits of g / scale."""
+    g = tl.div_rn(to_f32(_load(g_ptr, offs, inside, FULL)), grad_scale)
+    p_raw = _load(p_ptr, offs, inside, FULL)
+    _ema_tile(e_ptr, esc_ptr, g, to_f32(p_raw), offs, inside, rows, rows_inside, tseed, hi_hash, ema_beta,
+              ema_one_minus_beta, signal, E_DTYPE, FULL)
+    _adamw_update(p_ptr, m_ptr, v_ptr, vmax_ptr, g, p_raw, offs, write, inside, step_size, bc2_sqrt, decay,
+                  lerp_from_m, lerp_coeff, beta2, one_minus_beta2, eps, P_DTYPE, S_DTYPE, AMSGRAD, FULL)
 
 
 @triton.jit(do_not_specialize=["lerp_from_m"])  # a 0/1 flag: one compiled variant for both
@@ -156,6 +174,58 @@ def _masked_adamw_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_base, g_bas
                      AMSGRAD, False)
 
 
+@triton.jit(do_not_specialize=["lerp_from_m", "signal"])
+def _masked_adamw_ema_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_base, g_base, m_base, v_base, vmax_base,
+                             e_base, esc_base, p_offs, g_offs, m_offs, v_offs, vmax_offs, e_offs, esc_offs, w_ptrs,
+                             seed_ptr, step_size_ptr, bc2_sqrt_ptr, decay_ptr, grad_scale_ptr, found_inf_ptr,
+                             lerp_from_m, lerp_coeff, beta2, one_minus_beta2, eps, ema_beta, ema_one_minus_beta,
+                             signal, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, E_DTYPE: tl.constexpr,
+                             AMSGRAD: tl.constexpr, HAS_MASK: tl.constexpr, P_ALIGN: tl.constexpr,
+                             S_ALIGN: tl.constexpr, E_ALIGN: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr):
+    """The AdamW step and the importance EMA (kernels/importance.py's tile) of ROWS × QBLOCK elements:
+    each row one 8-bit scale block. A nonzero found_inf returns before anything is stored."""
+    if tl.load(found_inf_ptr) == 0.0:
+        pid = tl.program_id(0)
+        t = tl.load(blk_tensor_ptr + pid)
+        start = tl.multiple_of(tl.load(blk_start_ptr + pid), ROWS * QBLOCK)  # int64, a multiple of the block
+        row = tl.arange(0, ROWS)
+        offs = start + row[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+        numel = tl.load(numel_ptr + t)
+        rows = (start // QBLOCK) + row
+        inside = offs < numel
+        write = inside
+        if HAS_MASK:
+            words = tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32))
+            word = tl.load(words + (offs >> 5), mask=inside, other=0).to(tl.uint32, bitcast=True)
+            write = write & (((word >> (offs & 31).to(tl.uint32)) & 1) == 0)
+        p_ptr = _at(p_base, p_offs, t, P_ALIGN)
+        g_ptr = _at(g_base, g_offs, t, P_ALIGN)
+        m_ptr = _at(m_base, m_offs, t, S_ALIGN)
+        v_ptr = _at(v_base, v_offs, t, S_ALIGN)
+        vmax_ptr = m_ptr
+        if AMSGRAD:
+            vmax_ptr = _at(vmax_base, vmax_offs, t, S_ALIGN)
+        e_ptr = _at(e_base, e_offs, t, E_ALIGN)
+        esc_ptr = _at(esc_base, esc_offs, t, 1)
+        tseed = tl.load(seed_ptr + t).to(tl.uint32)
+        hi_hash = _hash32((start >> 32).to(tl.uint32))  # blocks never straddle a multiple of 2^32
+        step_size = tl.load(step_size_ptr + t)
+        bc2_sqrt = tl.load(bc2_sqrt_ptr + t)
+        decay = tl.load(decay_ptr)
+        grad_scale = tl.load(grad_scale_ptr)
+        rows_inside = rows * QBLOCK < numel
+        if start + ROWS * QBLOCK <= numel:
+            _adamw_ema_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, e_ptr, esc_ptr, offs, write, inside, rows,
+                             rows_inside, step_size, bc2_sqrt, decay, grad_scale, lerp_from_m, lerp_coeff, beta2,
+                             one_minus_beta2, eps, tseed, hi_hash, ema_beta, ema_one_minus_beta, signal, P_DTYPE,
+                             S_DTYPE, E_DTYPE, AMSGRAD, True)
+        else:
+            _adamw_ema_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, e_ptr, esc_ptr, offs, write, inside, rows,
+                             rows_inside, step_size, bc2_sqrt, decay, grad_scale, lerp_from_m, lerp_coeff, beta2,
+                             one_minus_beta2, eps, tseed, hi_hash, ema_beta, ema_one_minus_beta, signal, P_DTYPE,
+                             S_DTYPE, E_DTYPE, AMSGRAD, False)
+
+
 @triton.jit
 def _masked_sq_sum_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, g_base, g_offs, w_ptrs, out_ptr,
                           HAS_MASK: tl.constexpr, G_ALIGN: tl.constexpr, BLOCK: tl.constexpr):
@@ -179,53 +249,6 @@ def _segment_sum_kernel(partial_ptr, first_ptr, out_ptr, BLOCK: tl.constexpr):
         idx = i + tl.arange(0, BLOCK)
         acc += tl.load(partial_ptr + idx, mask=idx < hi, other=0.0)
     tl.store(out_ptr + s, tl.sum(acc, axis=0))
-
-
-@functools.lru_cache(maxsize=64)
-def _block_table(numels: tuple[int, ...], block: int, device: torch.device):
-    """(tensor index int32, first element int64, first block of each tensor int64 [T+1]) for blocks of
-    BLOCK elements of tensors with these sizes, on `device`; cached: sizes rarely change between steps."""
-    offsets = torch.tensor((0,) + numels, dtype=torch.int64).cumsum(0)
-    start, _, segment = segment_blocks(offsets, block)
-    counts = torch.bincount(segment, minlength=len(numels))
-    first = torch.zeros(len(numels) + 1, dtype=torch.int64)
-    torch.cumsum(counts, 0, out=first[1:])
-    return segment.to(device=device, dtype=torch.int32), (start - offsets[segment]).to(device), first.to(device)
-
-
-def _buckets(tensors: list[torch.Tensor], key) -> list[tuple[torch.device, list[int]]]:
-    """Indices of the non-empty tensors grouped by (device, key(i)): one launch per group."""
-    groups: dict = {}
-    for i, t in enumerate(tensors):
-        if t.numel():
-            groups.setdefault((t.device, key(i)), []).append(i)
-    return [(device, index) for (device, _), index in groups.items()]
-
-
-def _table(rows: list[list[int]], device: torch.device) -> list[torch.Tensor]:
-    """int64 rows (sizes, data pointers) in one host-to-device copy; returns one view per row."""
-    table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
-    return list(table.unbind(0))
-
-
-@functools.lru_cache(maxsize=16)
-def _constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float32 1.0 and -1.0 (grad_scale without GradScaler, maximize), 0.0 (found_inf without one)."""
-    return tuple(torch.tensor([v], dtype=torch.float32, device=device) for v in (1.0, -1.0, 0.0))
-
-
-def _align(*lists: list[torch.Tensor]) -> int:
-    """Elements per 16 bytes when every data pointer is 16-byte aligned (what the kernel's alignment
-    hint then asserts), else 1 (no hint)."""
-    if all(t.data_ptr() % 16 == 0 for ts in lists for t in ts):
-        return 16 // lists[0][0].element_size()
-    return 1
-
-
-def _offsets(ts: list[torch.Tensor]) -> list[int]:
-    """Element offsets of each tensor's data from the first one's (the kernel's typed base pointer)."""
-    base, size = ts[0].data_ptr(), ts[0].element_size()
-    return [(t.data_ptr() - base) // size for t in ts]
 
 
 def lerp_constants(beta1: float) -> tuple[float, bool]:
@@ -254,6 +277,22 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
                   maximize: bool, grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None = None) -> None:
     """Launcher of the op cpift::masked_adamw_ (arguments already checked by the op). `steps`:
     float32[T] tensor (or floats), `lr`: one-element tensor (or float)."""
+    _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, beta1, beta2, weight_decay, eps,
+            amsgrad, maximize, grad_scale, found_inf, None)
+
+
+def masked_adamw_ema_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, beta1, beta2,
+                      weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, ema_state, ema_scales, ema_beta,
+                      ema_signal, ema_seed, ema_ids) -> None:
+    """Launcher of the op cpift::masked_adamw_ema_ (arguments already checked by the op)."""
+    _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, beta1, beta2, weight_decay, eps,
+            amsgrad, maximize, grad_scale, found_inf, (ema_state, ema_scales, ema_beta, ema_signal, ema_seed, ema_ids))
+
+
+def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, beta1, beta2, weight_decay, eps,
+            amsgrad, maximize, grad_scale, found_inf, ema) -> None:
+    """One launch per (device, param dtype, state dtype[, EMA state dtype]) bucket; `ema`: None, or
+    (state, scales, beta, signal, seed, ids) of the fused EMA."""
     if not params:
         return
     steps = steps if isinstance(steps, torch.Tensor) else torch.tensor(list(steps), dtype=torch.float32)
@@ -261,20 +300,27 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
     grads = [g.contiguous() for g in grads]
     words = [w.contiguous() for w in frozen]
     lerp_coeff, lerp_from_m = lerp_constants(beta1)
-    for dev, index in _buckets(params, lambda i: (params[i].dtype, exp_avgs[i].dtype)):
+    if ema is not None:
+        ema_state, ema_scales, ema_beta, ema_signal, ema_seed, ema_ids = ema
+        scale_for = scale_of(ema_state, ema_scales)
+    key = (lambda i: (params[i].dtype, exp_avgs[i].dtype)) if ema is None else \
+        (lambda i: (params[i].dtype, exp_avgs[i].dtype, ema_state[i].dtype))
+    for dev, index in _buckets(params, key):
         blk_tensor, blk_start, _ = _block_table(tuple(params[i].numel() for i in index), GPU_BLOCK, dev)
 
         def pick(ts):
             return [ts[i] for i in index] if ts else []
 
-        def ptrs(ts):
-            return [t.data_ptr() for t in ts] if ts else [0] * len(index)
-
         data = [pick(params), pick(grads), pick(exp_avgs), pick(exp_avg_sqs)]
         data.append(pick(max_exp_avg_sqs) if amsgrad else data[2])  # unused without amsgrad
-        numel, p_offs, g_offs, m_offs, v_offs, vmax_offs, w_ptrs = _table(
-            [[t.numel() for t in data[0]], *(_offsets(ts) for ts in data),
-             [w.data_ptr() for w in pick(words)] if words else [0] * len(index)], dev)
+        rows = [[t.numel() for t in data[0]], *(_offsets(ts) for ts in data),
+                [w.data_ptr() for w in pick(words)] if words else [0] * len(index)]
+        if ema is not None:
+            e_data = pick(ema_state)
+            e_scales = [scale_for[i] for i in index] if index[0] in scale_for else e_data  # unused unless 8-bit
+            rows += [_offsets(e_data), _offsets(e_scales),
+                     [_tensor_seed(ema_seed, ema_ids[i] if ema_ids else i) for i in index]]
+        numel, p_offs, g_offs, m_offs, v_offs, vmax_offs, w_ptrs, *ema_rows = _table(rows, dev)
         sel = torch.tensor(index, dtype=torch.int64, device=steps.device)
         step_size, bc2_sqrt, decay = step_scalars(steps[sel], lr, beta1, beta2, weight_decay, dev)
         one, minus_one, zero = _constants(dev)
@@ -283,13 +329,24 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
             scale = -scale if maximize else scale
         else:
             scale = minus_one if maximize else one
-        inf = found_inf.to(device=dev, dtype=torch.float32) if found_inf is not None else zero
-        _masked_adamw_kernel[(blk_start.numel(),)](
-            blk_tensor, blk_start, numel, *(ts[0] for ts in data), p_offs, g_offs, m_offs, v_offs, vmax_offs, w_ptrs,
-            step_size, bc2_sqrt, decay, scale, inf, int(lerp_from_m), lerp_coeff, beta2,
-            1.0 - beta2, eps, P_DTYPE=_TL_DTYPE[params[index[0]].dtype], S_DTYPE=_TL_DTYPE[exp_avgs[index[0]].dtype],
-            AMSGRAD=amsgrad, HAS_MASK=bool(words), P_ALIGN=_align(data[0], data[1]), S_ALIGN=_align(*data[2:]),
-            BLOCK=GPU_BLOCK, **FP_OPTIONS)
+        inf = found_inf.to(device=dev, dtype=torch.float32).reshape(1) if found_inf is not None else zero
+        p_dtype, s_dtype = _TL_DTYPE[params[index[0]].dtype], _TL_DTYPE[exp_avgs[index[0]].dtype]
+        p_align, s_align = _align(data[0], data[1]), _align(*data[2:])
+        if ema is None:
+            _masked_adamw_kernel[(blk_start.numel(),)](
+                blk_tensor, blk_start, numel, *(ts[0] for ts in data), p_offs, g_offs, m_offs, v_offs, vmax_offs,
+                w_ptrs, step_size, bc2_sqrt, decay, scale, inf, int(lerp_from_m), lerp_coeff, beta2, 1.0 - beta2, eps,
+                P_DTYPE=p_dtype, S_DTYPE=s_dtype, AMSGRAD=amsgrad, HAS_MASK=bool(words), P_ALIGN=p_align,
+                S_ALIGN=s_align, BLOCK=GPU_BLOCK, **FP_OPTIONS)
+        else:
+            e_offs, esc_offs, seeds = ema_rows
+            _masked_adamw_ema_kernel[(blk_start.numel(),)](
+                blk_tensor, blk_start, numel, *(ts[0] for ts in data), e_data[0], e_scales[0], p_offs, g_offs, m_offs,
+                v_offs, vmax_offs, e_offs, esc_offs, w_ptrs, seeds, step_size, bc2_sqrt, decay, scale, inf,
+                int(lerp_from_m), lerp_coeff, beta2, 1.0 - beta2, eps, ema_beta, 1.0 - ema_beta, ema_signal,
+                P_DTYPE=p_dtype, S_DTYPE=s_dtype, E_DTYPE=_E_DTYPE[ema_state[index[0]].dtype], AMSGRAD=amsgrad,
+                HAS_MASK=bool(words), P_ALIGN=p_align, S_ALIGN=s_align, E_ALIGN=_align(e_data), ROWS=ROWS,
+                QBLOCK=QBLOCK, **FP_OPTIONS)
 
 
 def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor]) -> torch.Tensor:
@@ -316,8 +373,9 @@ def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor]) -
 
 def aot_specs():
     """Every specialization the launchers above can take (compiled by tools/triton_aot.py): each
-    dtype pair, amsgrad, mask, aligned or not; the interpreter runs the same BLOCK as a GPU."""
-    names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16"}
+    dtype pair (and EMA state dtype), amsgrad, mask, aligned or not; the interpreter runs the same
+    BLOCK as a GPU."""
+    names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16", tl.uint8: "u8"}
     tables = {name: "*i64" for name in ("blk_start_ptr", "numel_ptr", "p_offs", "g_offs", "m_offs", "v_offs",
                                         "vmax_offs", "w_ptrs")}
     scalars = {"step_size_ptr": "*fp32", "bc2_sqrt_ptr": "*fp32", "decay_ptr": "*fp32", "grad_scale_ptr": "*fp32",
@@ -336,6 +394,20 @@ def aot_specs():
                                          {"P_DTYPE": p_dtype, "S_DTYPE": s_dtype, "AMSGRAD": amsgrad,
                                           "HAS_MASK": has_mask, "P_ALIGN": p_vec if aligned else 1,
                                           "S_ALIGN": s_vec if aligned else 1, "BLOCK": GPU_BLOCK})
+            for e_dtype in (tl.float32, tl.bfloat16, tl.uint8):
+                ema_types = {"e_base": f"*{names[e_dtype]}", "esc_base": "*fp32" if e_dtype == tl.uint8
+                             else f"*{names[e_dtype]}", "e_offs": "*i64", "esc_offs": "*i64", "seed_ptr": "*i64",
+                             "ema_beta": "fp32", "ema_one_minus_beta": "fp32", "signal": "i32"}
+                for amsgrad in (False, True):
+                    for has_mask in (False, True):
+                        for aligned in (True, False):
+                            yield KernelSpec(_masked_adamw_ema_kernel,
+                                             {"blk_tensor_ptr": "*i32", **tables, **bases, **scalars, **ema_types},
+                                             {"P_DTYPE": p_dtype, "S_DTYPE": s_dtype, "E_DTYPE": e_dtype,
+                                              "AMSGRAD": amsgrad, "HAS_MASK": has_mask,
+                                              "P_ALIGN": p_vec if aligned else 1, "S_ALIGN": s_vec if aligned else 1,
+                                              "E_ALIGN": 128 // e_dtype.primitive_bitwidth if aligned else 1,
+                                              "ROWS": ROWS, "QBLOCK": QBLOCK})
         for has_mask in (False, True):
             for aligned in (True, False):
                 yield KernelSpec(_masked_sq_sum_kernel, {"blk_tensor_ptr": "*i32", "blk_start_ptr": "*i64",

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._common import FP_OPTIONS, KernelSpec, to_f32
-from .adamw import _align, _at, _block_table, _buckets, _constants, _offsets, _table
+from ._launch import _align, _at, _block_table, _buckets, _constants, _offsets, _table
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
              torch.uint8: tl.uint8}
@@ -38,8 +38,18 @@ def _hash32_host(x: int) -> int:
     return x ^ (x >> 16)
 
 
-def _tensor_seed(seed: int, i: int) -> int:
-    return _hash32_host((seed ^ _hash32_host((i + 1) & _M32)) & _M32)
+def _tensor_seed(seed: int, tensor_id: int) -> int:
+    """The 32-bit random stream of the tensor with this id (cpift_fast.ops.importance.tensor_seed)."""
+    return _hash32_host((seed ^ _hash32_host((tensor_id + 1) & _M32)) & _M32)
+
+
+def scale_of(state: list[torch.Tensor], scales: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """{i: scales of state[i]} for the uint8 state tensors (scales hold one tensor each, in order)."""
+    out = {}
+    for i, s in enumerate(state):
+        if s.dtype == torch.uint8:
+            out[i] = scales[len(out)]
+    return out
 
 
 @triton.jit
@@ -53,25 +63,19 @@ def _hash32(x):
 
 
 @triton.jit
-def _ema_tile(s_ptr, sc_ptr, g_ptr, p_ptr, offs, inside, rows, rows_inside, tseed, hi_hash, beta, one_minus_beta, grad_scale,
-              SIGNAL: tl.constexpr, S_DTYPE: tl.constexpr, FULL: tl.constexpr):
-    """One (ROWS, QBLOCK) tile: `offs` element offsets, `rows` its scale-block indices; a full tile
-    (FULL) lies inside the tensor, else `inside` / `rows_inside` say which lanes / rows do."""
+def _ema_tile(s_ptr, sc_ptr, g, p, offs, inside, rows, rows_inside, tseed, hi_hash, beta, one_minus_beta, signal,
+              S_DTYPE: tl.constexpr, FULL: tl.constexpr):
+    """The EMA of one (ROWS, QBLOCK) tile from g (fp32, divided by GradScaler's scale) and θ (fp32);
+    `signal` (0 |g·θ|, 1 g², 2 |g|) is a run-time value: computing all three costs nothing in a
+    memory-bound kernel and a third of the specializations:
+    `offs` element offsets, `rows` its scale-block indices; a full tile (FULL) lies inside the
+    tensor, else `inside` / `rows_inside` say which lanes / rows do (g and θ must be 0 outside).
+    Shared with the fused AdamW + EMA kernel (kernels/adamw.py)."""
     if FULL:
-        g = to_f32(tl.load(g_ptr + offs))
-        p = to_f32(tl.load(p_ptr + offs))
         s_raw = tl.load(s_ptr + offs)
     else:
-        g = to_f32(tl.load(g_ptr + offs, mask=inside, other=0.0))
-        p = to_f32(tl.load(p_ptr + offs, mask=inside, other=0.0))
         s_raw = tl.load(s_ptr + offs, mask=inside, other=0)
-    g = tl.div_rn(g, grad_scale)
-    if SIGNAL == 0:
-        sig = tl.abs(g * p)
-    elif SIGNAL == 1:
-        sig = g * g
-    else:
-        sig = tl.abs(g)
+    sig = tl.where(signal == 0, tl.abs(g * p), tl.where(signal == 1, g * g, tl.abs(g)))
     if S_DTYPE == tl.uint8:
         if FULL:
             step_old = tl.load(sc_ptr + rows)
@@ -108,9 +112,21 @@ def _ema_tile(s_ptr, sc_ptr, g_ptr, p_ptr, offs, inside, rows, rows_inside, tsee
 
 
 @triton.jit
+def _load_gp(g_ptr, p_ptr, offs, inside, grad_scale, FULL: tl.constexpr):
+    """(g / grad_scale, θ) in fp32 at `offs` (0 outside `inside` unless FULL)."""
+    if FULL:
+        g = to_f32(tl.load(g_ptr + offs))
+        p = to_f32(tl.load(p_ptr + offs))
+    else:
+        g = to_f32(tl.load(g_ptr + offs, mask=inside, other=0.0))
+        p = to_f32(tl.load(p_ptr + offs, mask=inside, other=0.0))
+    return tl.div_rn(g, grad_scale), p
+
+
+@triton.jit(do_not_specialize=["signal"])
 def _importance_ema_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, s_base, sc_base, g_base, p_base, s_offs,
                            sc_offs, g_offs, p_offs, seed_ptr, grad_scale_ptr, found_inf_ptr, beta, one_minus_beta,
-                           SIGNAL: tl.constexpr, S_DTYPE: tl.constexpr, P_ALIGN: tl.constexpr,
+                           signal, S_DTYPE: tl.constexpr, P_ALIGN: tl.constexpr,
                            S_ALIGN: tl.constexpr, ROWS: tl.constexpr, QBLOCK: tl.constexpr):
     """GradScaler's found_inf and scale are arguments (no specialization); a nonzero found_inf
     returns before anything is stored."""
@@ -129,55 +145,53 @@ def _importance_ema_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, s_base, sc_
         tseed = tl.load(seed_ptr + t).to(tl.uint32)
         hi_hash = _hash32((start >> 32).to(tl.uint32))  # blocks never straddle a multiple of 2^32
         grad_scale = tl.load(grad_scale_ptr)
+        inside = offs < numel
         if start + ROWS * QBLOCK <= numel:
-            _ema_tile(s_ptr, sc_ptr, g_ptr, p_ptr, offs, offs < numel, rows, rows * QBLOCK < numel, tseed, hi_hash,
-                      beta, one_minus_beta, grad_scale, SIGNAL, S_DTYPE, True)
+            g, p = _load_gp(g_ptr, p_ptr, offs, inside, grad_scale, True)
+            _ema_tile(s_ptr, sc_ptr, g, p, offs, inside, rows, rows * QBLOCK < numel, tseed, hi_hash, beta,
+                      one_minus_beta, signal, S_DTYPE, True)
         else:
-            _ema_tile(s_ptr, sc_ptr, g_ptr, p_ptr, offs, offs < numel, rows, rows * QBLOCK < numel, tseed, hi_hash,
-                      beta, one_minus_beta, grad_scale, SIGNAL, S_DTYPE, False)
+            g, p = _load_gp(g_ptr, p_ptr, offs, inside, grad_scale, False)
+            _ema_tile(s_ptr, sc_ptr, g, p, offs, inside, rows, rows * QBLOCK < numel, tseed, hi_hash, beta,
+                      one_minus_beta, signal, S_DTYPE, False)
 
 
 def importance_ema_(state: list[torch.Tensor], scales: list[torch.Tensor], grads: list[torch.Tensor],
                     params: list[torch.Tensor], beta: float, signal: int, seed: int,
-                    grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+                    grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None, ids=()) -> None:
     """Launcher of the op cpift::importance_ema_ (arguments already checked by the op)."""
     grads = [g.contiguous() for g in grads]
     params = [p.contiguous() for p in params]
-    scale_of, k = {}, 0
-    for i, s in enumerate(state):
-        if s.dtype == torch.uint8:
-            scale_of[i] = scales[k]
-            k += 1
+    scale_for = scale_of(state, scales)
     for dev, index in _buckets(params, lambda i: (params[i].dtype, state[i].dtype)):
         blk_tensor, blk_start, _ = _block_table(tuple(params[i].numel() for i in index), GPU_BLOCK, dev)
         data = [[state[i] for i in index], [grads[i] for i in index], [params[i] for i in index]]
-        sc = [scale_of[i] for i in index] if index[0] in scale_of else data[0]  # unused without 8-bit state
+        sc = [scale_for[i] for i in index] if index[0] in scale_for else data[0]  # unused without 8-bit state
         numel, s_offs, sc_offs, g_offs, p_offs, seeds = _table(
             [[t.numel() for t in data[2]], _offsets(data[0]), _offsets(sc), _offsets(data[1]), _offsets(data[2]),
-             [_tensor_seed(seed, i) for i in index]], dev)
+             [_tensor_seed(seed, ids[i] if ids else i) for i in index]], dev)
         one, _, zero = _constants(dev)
         scale = grad_scale.to(device=dev, dtype=torch.float32).reshape(1) if grad_scale is not None else one
         inf = found_inf.to(device=dev, dtype=torch.float32).reshape(1) if found_inf is not None else zero
         _importance_ema_kernel[(blk_start.numel(),)](
             blk_tensor, blk_start, numel, data[0][0], sc[0], data[1][0], data[2][0], s_offs, sc_offs, g_offs, p_offs,
-            seeds, scale, inf, beta, 1.0 - beta, SIGNAL=signal, S_DTYPE=_TL_DTYPE[state[index[0]].dtype],
+            seeds, scale, inf, beta, 1.0 - beta, signal, S_DTYPE=_TL_DTYPE[state[index[0]].dtype],
             P_ALIGN=_align(data[1], data[2]), S_ALIGN=_align(data[0]), ROWS=ROWS, QBLOCK=QBLOCK, **FP_OPTIONS)
 
 
 def aot_specs():
-    """Every specialization the launcher can take: param dtype x state dtype x signal, aligned or not."""
+    """Every specialization the launcher can take: param dtype x state dtype, aligned or not."""
     names = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16", tl.uint8: "u8"}
     tables = {name: "*i64" for name in ("blk_start_ptr", "numel_ptr", "s_offs", "sc_offs", "g_offs", "p_offs",
                                         "seed_ptr")}
-    scalars = {"grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "beta": "fp32", "one_minus_beta": "fp32"}
+    scalars = {"grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "beta": "fp32", "one_minus_beta": "fp32",
+               "signal": "i32"}
     for p_dtype in (tl.float32, tl.bfloat16, tl.float16):
         for s_dtype in (tl.float32, tl.bfloat16, tl.uint8):
             bases = {"s_base": f"*{names[s_dtype]}", "g_base": f"*{names[p_dtype]}", "p_base": f"*{names[p_dtype]}",
                      "sc_base": "*fp32" if s_dtype == tl.uint8 else f"*{names[s_dtype]}"}
-            for signal in range(3):
-                for aligned in (True, False):
-                    yield KernelSpec(_importance_ema_kernel, {"blk_tensor_ptr": "*i32", **tables, **bases, **scalars},
-                                     {"SIGNAL": signal, "S_DTYPE": s_dtype,
-                                      "P_ALIGN": 128 // p_dtype.primitive_bitwidth if aligned else 1,
-                                      "S_ALIGN": 128 // s_dtype.primitive_bitwidth if aligned else 1,
-                                      "ROWS": ROWS, "QBLOCK": QBLOCK})
+            for aligned in (True, False):
+                yield KernelSpec(_importance_ema_kernel, {"blk_tensor_ptr": "*i32", **tables, **bases, **scalars},
+                                 {"S_DTYPE": s_dtype, "P_ALIGN": 128 // p_dtype.primitive_bitwidth if aligned else 1,
+                                  "S_ALIGN": 128 // s_dtype.primitive_bitwidth if aligned else 1,
+                                  "ROWS": ROWS, "QBLOCK": QBLOCK})

@@ -297,3 +297,125 @@ def test_masked_adamw_importance_updates_before_the_step(state_dtype):
             assert torch.equal(value, t2.importance(task)[name])
     with pytest.raises(TypeError, match="importance must be an ImportanceTracker"):
         MaskedAdamW(m1.parameters(), importance=object())
+
+
+# ----- the fused AdamW + EMA step (cpift::masked_adamw_ema_) ---------------------------------------
+
+FUSED = _ops.OPS["masked_adamw_ema_"]
+
+
+def _fused_inputs(p_dtype, m_dtype, e_dtype, amsgrad, seed=0):
+    """(adamw tensors..., ema state, ema scales) over SIZES, a mask freezing ~40 % of the elements."""
+    gen = torch.Generator().manual_seed(seed)
+    state, scales, grads, params = _op_inputs(p_dtype, e_dtype, seed)
+    moments = [[(torch.rand(n, generator=gen) * 0.01).to(m_dtype) for n in SIZES] for _ in range(3 if amsgrad else 2)]
+    frozen = [ops.mask_pack(torch.rand(n, generator=gen) < 0.4) for n in SIZES]
+    return params, grads, moments, frozen, state, scales
+
+
+def _fused_call(op, inputs, amsgrad, maximize, grad_scale, found_inf=None, ids=(3, 0, 7, 1)):
+    params, grads, moments, frozen, state, scales = inputs
+    steps = torch.full((len(SIZES),), 4.0)
+    lr = torch.tensor(1e-2, dtype=torch.float64)
+    adamw = (params, grads, moments[0], moments[1], moments[2] if amsgrad else [], frozen, steps, lr, 0.9, 0.999,
+             0.01, 1e-8, amsgrad, maximize, grad_scale, found_inf)
+    if op == "separate":  # the two ops, EMA first (params before the step)
+        ops.importance_ema_(state, scales, grads, params, 0.95, 0, 11, grad_scale, found_inf, list(ids))
+        ops.masked_adamw_(*adamw)
+    else:
+        ops.masked_adamw_ema_(*adamw, state, scales, 0.95, 0, 11, list(ids))
+
+
+def _all_bits(inputs):
+    params, _, moments, _, state, scales = inputs
+    return [_bits(t.contiguous()) for t in params + [m for ms in moments for m in ms] + state + scales]
+
+
+@pytest.mark.parametrize("p_dtype,m_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("e_dtype", STATE_DTYPES)
+def test_fused_step_equals_ema_then_step_on_every_backend(p_dtype, m_dtype, e_dtype):
+    """Fused = importance_ema_ then masked_adamw_ of the same backend, bit for bit, on every backend,
+    with amsgrad, maximize and a GradScaler scale; ids key the random streams, not positions. (The
+    AdamW half of C++ and Triton agree bit for bit — tests/test_adamw_bitexact.py — the reference
+    computes bf16 params in bf16 as torch's foreach AdamW does; the EMA state agrees everywhere.)"""
+    for amsgrad, maximize, grad_scale in ((False, False, None), (True, True, torch.tensor([4.0]))):
+        ema_bits = []
+        for backend in _available_backends():
+            want = _fused_inputs(p_dtype, m_dtype, e_dtype, amsgrad)
+            got = _fused_inputs(p_dtype, m_dtype, e_dtype, amsgrad)
+            with forced(backend):
+                _fused_call("separate", want, amsgrad, maximize, grad_scale)
+                _fused_call("fused", got, amsgrad, maximize, grad_scale)
+            for k, (a, b) in enumerate(zip(_all_bits(want), _all_bits(got))):
+                assert torch.equal(a, b), (backend, amsgrad, k)
+            ema_bits.append([_bits(t) for t in got[4] + got[5]])
+        assert all(torch.equal(a, b) for bits in ema_bits[1:] for a, b in zip(ema_bits[0], bits))
+
+
+@pytest.mark.parametrize("backend", _available_backends())
+def test_fused_step_keeps_frozen_bits_and_tracks_every_element(backend):
+    inputs = _fused_inputs(torch.float32, torch.float32, torch.float32, False)
+    before = [[t.clone() for t in ts] for ts in (inputs[0], inputs[2][0], inputs[4])]
+    with forced(backend):
+        _fused_call("fused", inputs, False, False, None)
+    for k, n in enumerate(SIZES):
+        bits = ops.mask_unpack(inputs[3][k], n)
+        for old, new in ((before[0][k], inputs[0][k]), (before[1][k], inputs[2][0][k])):
+            assert torch.equal(old[bits], new[bits]) and not torch.equal(old[~bits], new[~bits]) or n == 0
+        assert n == 0 or not torch.equal(before[2][k][bits], inputs[4][k][bits])  # frozen elements' EMA moves
+
+
+@pytest.mark.parametrize("backend", _available_backends())
+def test_fused_step_found_inf_changes_nothing(backend):
+    inputs = _fused_inputs(torch.bfloat16, torch.float32, torch.uint8, True)
+    before = [t.clone() for t in _all_bits(inputs)]
+    with forced(backend):
+        _fused_call("fused", inputs, True, False, torch.tensor([2.0]), found_inf=torch.tensor([1.0]))
+    assert all(torch.equal(a, b) for a, b in zip(before, _all_bits(inputs)))
+
+
+def test_fused_step_rejects_bad_ema_arguments():
+    inputs = _fused_inputs(torch.float32, torch.float32, torch.uint8, False)
+    for change, match in ((lambda i: i[:5] + ([],), r"masked_adamw_ema_: ema_scales must hold one float32"),
+                          (lambda i: i[:4] + ([i[4][0][:5]] + i[4][1:], i[5]), r"masked_adamw_ema_: ema_state\[0\]")):
+        with pytest.raises(ValueError, match=match):
+            _fused_call("fused", change(inputs), False, False, None)
+    with pytest.raises(ValueError, match=r"masked_adamw_ema_: ema_ids must be empty or hold one id"):
+        _fused_call("fused", inputs, False, False, None, ids=(1, 2))
+
+
+@pytest.mark.parametrize("state_dtype", [torch.bfloat16, "int8"])
+def test_masked_adamw_with_a_tracker_over_some_parameters(state_dtype):
+    """Parameters the tracker does not hold are stepped without an EMA; the tracked ones get the
+    bits of tracker.update() then a plain step; copies of the optimizer keep working."""
+    import copy
+
+    from cpift_fast import MaskedAdamW
+
+    def run(fused):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(30, 20), torch.nn.Linear(20, 5))
+        tracker = ImportanceTracker(list(model.named_parameters())[:3], ["a", "b"], beta=0.9,
+                                    state_dtype=state_dtype, seed=2)
+        opt = MaskedAdamW(model.named_parameters(), lr=1e-2, importance=tracker if fused else None)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(4):
+            tracker.set_task("ab"[step % 2])
+            opt.zero_grad()
+            model(torch.randn(8, 30, generator=gen)).square().mean().backward()
+            if not fused:
+                tracker.update()
+            opt.step()
+        return model, tracker, opt
+
+    (m1, t1, opt), (m2, t2, _) = run(True), run(False)
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters()))
+    for task in ("a", "b"):
+        assert all(torch.equal(v, t2.importance(task)[k]) for k, v in t1.importance(task).items())
+    twin = copy.deepcopy(opt)
+    assert twin.importance.tracks(twin.param_groups[0]["params"][0])
+    assert not twin.importance.tracks(opt.param_groups[0]["params"][0])
+    t1.active = None
+    with pytest.raises(RuntimeError, match="no active task"):
+        opt.step()

@@ -13,7 +13,7 @@ from helpers import forced
 
 HOMES = {
     "mask": {"mask_pack", "mask_unpack", "mask_popcount", "mask_binary"},
-    "adamw": {"masked_adamw_", "masked_grad_sq_norm"},
+    "adamw": {"masked_adamw_", "masked_adamw_ema_", "masked_grad_sq_norm"},
     "select": {"select_histogram", "select_mask"},
     "overlap": {"overlap_counts"},
     "fuse": {"slerp_stats", "slerp_apply"},
@@ -50,6 +50,8 @@ SAMPLES = {
     "mask_popcount": lambda: (_words(9, 1), torch.tensor([0, 4, 4, 9])),
     "mask_binary": lambda: (_words(6, 2), _words(6, 3), ops.MASK_ANDNOT),
     "masked_adamw_": _adamw_args,
+    "masked_adamw_ema_": lambda: (*_adamw_args(), [torch.zeros(33, dtype=torch.uint8), torch.zeros(70, dtype=torch.uint8)],
+                                  [torch.rand(1), torch.rand(1)], 0.99, 1, 3, [4, 1]),
     "masked_grad_sq_norm": lambda: ([torch.randn(33), torch.randn(70)], [_words(2, 4), _words(3, 5)]),
     "select_histogram": lambda: (*_pair(), 0, 0),
     "select_mask": lambda: (*_pair(), 0x3C000000, 3),
@@ -58,7 +60,7 @@ SAMPLES = {
     "slerp_apply": lambda: (torch.randn(70), torch.randn(70), torch.randn(70), 0.5, 0.25, 0.25, [torch.randn(70)],
                             [_words(3, 9)], 2),
     "importance_ema_": lambda: ([torch.zeros(70, dtype=torch.uint8)], [torch.rand(1)], [torch.randn(70)],
-                                [torch.randn(70)], 0.99, 0, 3, torch.tensor(2.0), None),
+                                [torch.randn(70)], 0.99, 0, 3, torch.tensor(2.0), None, [7]),
 }
 
 # one bad call per op, and the message every backend must give
@@ -69,6 +71,8 @@ BAD = {
     "mask_binary": (lambda: (_words(3, 0), _words(4, 0), 0), "mask_binary"),
     "masked_adamw_": (lambda: (lambda a: (a[0], [a[1][0], a[1][1][:5]], *a[2:]))(_adamw_args()),
                       "masked_adamw_: grads[1]"),
+    "masked_adamw_ema_": (lambda: (*_adamw_args(), [torch.zeros(33), torch.zeros(69)], [], 0.99, 1, 3, []),
+                          "masked_adamw_ema_: ema_state[1]"),
     "masked_grad_sq_norm": (lambda: ([torch.randn(33)], [_words(2, 0), _words(2, 0)]), "masked_grad_sq_norm: frozen"),
     "select_histogram": (lambda: (torch.randn(10), torch.randn(11), 0, 0), "select_histogram"),
     "select_mask": (lambda: (torch.randn(10), torch.randn(11), 0, 0), "select_mask"),

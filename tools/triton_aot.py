@@ -264,17 +264,23 @@ def run_gate(jobs: int | None = None, use_cache: bool = True) -> dict:
     cache = {k: v for k, v in cache.items() if k.split(" ", 1)[0] in digest.values()}  # drop stale entries
     todo = [(m, i, cc) for m, i, s in specs for cc in TARGETS if name(m, s, cc) not in cache]
     jobs = jobs or os.cpu_count() or 1
+
+    def save():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache))
+        tmp.replace(cache_file)
+
     if todo:
         ctx = __import__("multiprocessing").get_context("fork")
         with cf.ProcessPoolExecutor(max_workers=min(jobs, len(todo)), mp_context=ctx,
                                     initializer=_worker_init) as pool:
-            for r in pool.map(compile_one, *zip(*todo), chunksize=4):
+            for done, r in enumerate(pool.map(compile_one, *zip(*todo), chunksize=4), 1):
                 cache[f"{digest[r['module']]} {r['key']} {r['target']}"] = r
+                if use_cache and done % 100 == 0:  # an interrupted run keeps what it compiled
+                    save()
         if use_cache:
-            CACHE_DIR.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cache))
-            tmp.replace(cache_file)
+            save()
     results = [cache[name(m, s, cc)] for m, _, s in specs for cc in TARGETS]
     for r in results:
         if not r["ok"]:

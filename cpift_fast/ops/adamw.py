@@ -1,7 +1,16 @@
-"""Masked AdamW: one AdamW step of every element whose frozen bit is clear, and the masked grad norm.
+"""Masked AdamW: one AdamW step of every element whose frozen bit is clear, the same step fused with
+the importance EMA (EPI), and the masked grad norm.
+
+``masked_adamw_ema_`` = ``importance_ema_`` (cpift_fast/ops/importance.py: the EMA of every element,
+frozen ones included, from the grads and the params *before* the step) followed by
+``masked_adamw_``, in one pass that reads g and θ once; the stored bits equal the two ops called in
+that order with ``ids`` = ``ema_ids`` (the EMA's random streams are keyed by tensor id, not by
+position, so the fused call and a separate update give the same bits). The EMA sees the grads
+divided by GradScaler's scale; ``maximize`` does not change it (every signal is even in g).
 
 Backends: C++ (csrc/adamw.cpp) on CPU, Triton (kernels/adamw.py) on CUDA, the reference below
-(torch's foreach AdamW, then the frozen elements restored: what a user would write) elsewhere.
+(torch's foreach AdamW, then the frozen elements restored: what a user would write; the EMA's
+reference before it) elsewhere.
 """
 
 from __future__ import annotations
@@ -9,58 +18,60 @@ from __future__ import annotations
 import torch
 
 from .._ops import Op
+from . import importance as _importance
 from .mask import mask_unpack as _unpack_op
 
 mask_unpack = _unpack_op.reference
 
 
 def _check_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, amsgrad, grad_scale,
-                 found_inf):
-    """Raise a ValueError/TypeError naming the first bad argument of masked_adamw_ (shapes, dtypes and
-    devices only: no value is read, so the check costs no host sync and compiles without a break)."""
+                 found_inf, op="masked_adamw_"):
+    """Raise a ValueError/TypeError naming the first bad argument of masked_adamw_ (or `op`: shapes,
+    dtypes and devices only: no value is read, so the check costs no host sync and compiles without
+    a break)."""
     T = len(params)
     if not isinstance(steps, torch.Tensor) or steps.dim() != 1 or steps.dtype != torch.float32:
-        raise TypeError(f"masked_adamw_: steps must be a 1-D float32 tensor (the step being taken, >= 1, per "
+        raise TypeError(f"{op}: steps must be a 1-D float32 tensor (the step being taken, >= 1, per "
                         f"param), got {type(steps).__name__ if not isinstance(steps, torch.Tensor) else steps.dtype}"
                         f"{'' if not isinstance(steps, torch.Tensor) else ' of shape ' + str(list(steps.shape))}")
     if not isinstance(lr, torch.Tensor) or lr.numel() != 1 or not lr.dtype.is_floating_point:
-        raise TypeError(f"masked_adamw_: lr must be a floating-point tensor holding one value, got "
+        raise TypeError(f"{op}: lr must be a floating-point tensor holding one value, got "
                         f"{lr.dtype if isinstance(lr, torch.Tensor) else type(lr).__name__}")
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if t is not None and t.numel() != 1:
-            raise ValueError(f"masked_adamw_: {name} must hold one value, got shape {list(t.shape)}")
+            raise ValueError(f"{op}: {name} must hold one value, got shape {list(t.shape)}")
     lengths = (len(grads), len(exp_avgs), len(exp_avg_sqs), steps.numel())
     if any(n != T for n in lengths):
-        raise ValueError(f"masked_adamw_: params, grads, exp_avgs, exp_avg_sqs and steps must have the same "
+        raise ValueError(f"{op}: params, grads, exp_avgs, exp_avg_sqs and steps must have the same "
                          f"length ({T}, {', '.join(map(str, lengths))})")
     if amsgrad and len(max_exp_avg_sqs) != T:
-        raise ValueError(f"masked_adamw_: amsgrad needs one max_exp_avg_sq per param, got {len(max_exp_avg_sqs)}")
+        raise ValueError(f"{op}: amsgrad needs one max_exp_avg_sq per param, got {len(max_exp_avg_sqs)}")
     if frozen and len(frozen) != T:
-        raise ValueError(f"masked_adamw_: frozen must be empty (nothing frozen) or hold one word tensor per "
+        raise ValueError(f"{op}: frozen must be empty (nothing frozen) or hold one word tensor per "
                          f"param, got {len(frozen)} for {T} params")
     for i, p in enumerate(params):
         if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"masked_adamw_: params[{i}] must be float32, bfloat16 or float16, got {p.dtype}")
+            raise TypeError(f"{op}: params[{i}] must be float32, bfloat16 or float16, got {p.dtype}")
         if grads[i].dtype != p.dtype or grads[i].shape != p.shape:
-            raise TypeError(f"masked_adamw_: grads[{i}] is {grads[i].dtype} of shape {list(grads[i].shape)}, "
+            raise TypeError(f"{op}: grads[{i}] is {grads[i].dtype} of shape {list(grads[i].shape)}, "
                             f"params[{i}] is {p.dtype} of shape {list(p.shape)}")
         if not p.is_contiguous():
-            raise ValueError(f"masked_adamw_: params[{i}] must be contiguous")
+            raise ValueError(f"{op}: params[{i}] must be contiguous")
         state = [("exp_avgs", exp_avgs[i]), ("exp_avg_sqs", exp_avg_sqs[i])]
         state += [("max_exp_avg_sqs", max_exp_avg_sqs[i])] if amsgrad else []
         for name, s in state:
             if s.numel() != p.numel() or not s.is_contiguous() or s.dtype not in (p.dtype, torch.float32) \
                     or s.dtype != exp_avgs[i].dtype:
-                raise ValueError(f"masked_adamw_: {name}[{i}] must be contiguous with {p.numel()} elements of "
+                raise ValueError(f"{op}: {name}[{i}] must be contiguous with {p.numel()} elements of "
                                  f"float32 or {p.dtype} (as exp_avgs); got {s.dtype}, {s.numel()} elements")
         if frozen and (frozen[i].dtype != torch.int32 or frozen[i].numel() * 32 < p.numel()):
-            raise ValueError(f"masked_adamw_: frozen[{i}] must be int32 words covering {p.numel()} elements, got "
+            raise ValueError(f"{op}: frozen[{i}] must be int32 words covering {p.numel()} elements, got "
                              f"{frozen[i].numel()} {frozen[i].dtype} words")
         if p.device != params[0].device:
-            raise ValueError(f"masked_adamw_: params[{i}] is on {p.device}, params[0] on {params[0].device}: one "
+            raise ValueError(f"{op}: params[{i}] is on {p.device}, params[0] on {params[0].device}: one "
                              f"call steps tensors of one device")
     if params and steps.device != params[0].device:
-        raise ValueError(f"masked_adamw_: steps is on {steps.device}, the params on {params[0].device}")
+        raise ValueError(f"{op}: steps is on {steps.device}, the params on {params[0].device}")
 
 
 def _adamw_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, beta1, beta2,
@@ -137,6 +148,40 @@ masked_adamw_ = Op(
     "Tensor(d!)[] max_exp_avg_sqs, Tensor[] frozen, Tensor steps, Tensor lr, float beta1, float beta2, "
     "float weight_decay, float eps, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf) -> ()",
     check=_check_adamw_call, fake=_adamw_fake, reference=_adamw_reference, triton_module="adamw")
+
+
+def _check_adamw_ema_call(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, beta1, beta2,
+                          weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, ema_state, ema_scales, ema_beta,
+                          ema_signal, ema_seed, ema_ids):
+    _check_adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, amsgrad, grad_scale,
+                 found_inf, op="masked_adamw_ema_")
+    _importance._check(ema_state, ema_scales, grads, params, ema_beta, ema_signal, ema_seed, grad_scale, found_inf,
+                       ema_ids, op="masked_adamw_ema_", prefix="ema_")
+
+
+def _adamw_ema_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, beta1, beta2,
+                         weight_decay, eps, amsgrad, maximize, grad_scale, found_inf, ema_state, ema_scales, ema_beta,
+                         ema_signal, ema_seed, ema_ids):
+    """The two references in the fused op's order: the EMA (params before the step), then AdamW."""
+    _importance._reference(ema_state, ema_scales, grads, params, ema_beta, ema_signal, ema_seed, grad_scale,
+                           found_inf, ema_ids)
+    _adamw_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps, lr, beta1, beta2,
+                     weight_decay, eps, amsgrad, maximize, grad_scale, found_inf)
+
+
+def _adamw_ema_fake(*args):
+    return None
+
+
+masked_adamw_ema_ = Op(
+    "masked_adamw_ema_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+    "Tensor(d!)[] max_exp_avg_sqs, Tensor[] frozen, Tensor steps, Tensor lr, float beta1, float beta2, "
+    "float weight_decay, float eps, bool amsgrad, bool maximize, Tensor? grad_scale, Tensor? found_inf, "
+    "Tensor(e!)[] ema_state, Tensor(f!)[] ema_scales, float ema_beta, int ema_signal, int ema_seed, "
+    "int[] ema_ids) -> ()",
+    check=_check_adamw_ema_call, fake=_adamw_ema_fake, reference=_adamw_ema_reference, triton_module="adamw")
+masked_adamw_ema_.__doc__ = """masked_adamw_ with the importance EMA of (ema_state, ema_scales) fused into the same pass
+(see cpift_fast.ops.adamw): the EMA arguments are importance_ema_'s (beta, signal, seed, ids)."""
 
 
 def _check_grad_sq_norm(grads, frozen):

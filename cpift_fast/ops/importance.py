@@ -19,8 +19,11 @@ with θ = params[i] and I the element's current EMA, read from ``state[i]``. ``x
   A step recomputes, per block, step = max(x) / 255 and q = min(floor(x / step + u), 255) (q = 0 where
   step = 0), u ∈ [0, 1) uniform: stochastic rounding to the block's grid, E[q·step] = x.
 
-Random numbers are a counter-based hash (``hash32``) of (seed, tensor position i, element index):
-the same bits on every backend, thread count and launch order, so a seeded run is reproducible.
+Random numbers are a counter-based hash (``hash32``) of (seed, tensor id, element index), the
+tensor id being ``ids[i]`` (``ids`` empty: the position i): the same bits on every backend, thread
+count and launch order, so a seeded run is reproducible, and a caller that passes a tensor in
+another call or position (the fused step, cpift::masked_adamw_ema_) gets the same stream by
+passing the same id.
 Importance is non-negative: state holding negative values is outside the contract, and so are
 non-finite grads with 8-bit state (fp32 / bf16 state carry Inf and NaN through). A nonzero
 ``found_inf`` (GradScaler saw inf/NaN) leaves every state and scale untouched.
@@ -69,49 +72,54 @@ def num_scales(numel: int) -> int:
     return (numel + QBLOCK - 1) // QBLOCK
 
 
-def _check(state, scales, grads, params, beta, signal, seed, grad_scale, found_inf):
+def _check(state, scales, grads, params, beta, signal, seed, grad_scale, found_inf, ids=(), op="importance_ema_",
+           prefix=""):
     """Raise a ValueError/TypeError naming the first bad argument (shapes, dtypes, devices: no value
-    is read, no host sync)."""
+    is read, no host sync). `op` and `prefix` name the caller's op and argument names (the fused
+    AdamW step checks its ema_* arguments here)."""
     T = len(params)
     if len(state) != T or len(grads) != T:
-        raise ValueError(f"importance_ema_: state, grads and params must have the same length ({len(state)}, "
+        raise ValueError(f"{op}: {prefix}state, grads and params must have the same length ({len(state)}, "
                          f"{len(grads)}, {T})")
+    if len(ids) not in (0, T) or any(not 0 <= i <= _M32 for i in ids):
+        raise ValueError(f"{op}: {prefix}ids must be empty or hold one id in [0, 2^32) per tensor ({T}), got "
+                         f"{len(ids)} ids" + (f" ({min(ids)}..{max(ids)})" if ids else ""))
     if not 0.0 <= beta < 1.0:
-        raise ValueError(f"importance_ema_: beta must be in [0, 1), got {beta}")
+        raise ValueError(f"{op}: {prefix}beta must be in [0, 1), got {beta}")
     if signal not in range(len(SIGNALS)):
-        raise ValueError(f"importance_ema_: signal must be 0 ({SIGNALS[0]}), 1 ({SIGNALS[1]}) or 2 ({SIGNALS[2]}), "
+        raise ValueError(f"{op}: {prefix}signal must be 0 ({SIGNALS[0]}), 1 ({SIGNALS[1]}) or 2 ({SIGNALS[2]}), "
                          f"got {signal}")
     if not 0 <= seed <= _M32:
-        raise ValueError(f"importance_ema_: seed must be in [0, 2^32), got {seed}")
+        raise ValueError(f"{op}: {prefix}seed must be in [0, 2^32), got {seed}")
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if t is not None and t.numel() != 1:
-            raise ValueError(f"importance_ema_: {name} must hold one value, got shape {list(t.shape)}")
+            raise ValueError(f"{op}: {name} must hold one value, got shape {list(t.shape)}")
     quantized = [i for i, s in enumerate(state) if s.dtype == torch.uint8]
     if len(scales) != len(quantized):
-        raise ValueError(f"importance_ema_: scales must hold one float32 tensor per uint8 state tensor "
+        raise ValueError(f"{op}: {prefix}scales must hold one float32 tensor per uint8 {prefix}state tensor "
                          f"({len(quantized)}), got {len(scales)}")
     for k, i in enumerate(quantized):
         if scales[k].dtype != torch.float32 or scales[k].numel() != num_scales(params[i].numel()) \
                 or not scales[k].is_contiguous() or scales[k].device != params[i].device:
-            raise ValueError(f"importance_ema_: scales[{k}] (of state[{i}]) must be a contiguous float32 tensor of "
+            raise ValueError(f"{op}: {prefix}scales[{k}] (of {prefix}state[{i}]) must be a contiguous float32 tensor of "
                              f"{num_scales(params[i].numel())} elements on {params[i].device}, got "
                              f"{scales[k].dtype}, {scales[k].numel()} elements on {scales[k].device}")
     for i, p in enumerate(params):
         if p.dtype not in _FLOATS:
-            raise TypeError(f"importance_ema_: params[{i}] must be float32, bfloat16 or float16, got {p.dtype}")
+            raise TypeError(f"{op}: params[{i}] must be float32, bfloat16 or float16, got {p.dtype}")
         if grads[i].dtype != p.dtype or grads[i].shape != p.shape:
-            raise TypeError(f"importance_ema_: grads[{i}] is {grads[i].dtype} of shape {list(grads[i].shape)}, "
+            raise TypeError(f"{op}: grads[{i}] is {grads[i].dtype} of shape {list(grads[i].shape)}, "
                             f"params[{i}] is {p.dtype} of shape {list(p.shape)}")
         s = state[i]
         if s.dtype not in STATE_DTYPES or s.numel() != p.numel() or not s.is_contiguous():
-            raise ValueError(f"importance_ema_: state[{i}] must be a contiguous float32, bfloat16 or uint8 tensor of "
+            raise ValueError(f"{op}: {prefix}state[{i}] must be a contiguous float32, bfloat16 or uint8 tensor of "
                              f"{p.numel()} elements, got {s.dtype} with {s.numel()} elements"
                              f"{'' if s.is_contiguous() else ' (not contiguous)'}")
-        for name, t in (("grads", grads[i]), ("state", s)):
+        for name, t in (("grads", grads[i]), (prefix + "state", s)):
             if t.device != p.device:
-                raise ValueError(f"importance_ema_: {name}[{i}] is on {t.device}, params[{i}] on {p.device}")
+                raise ValueError(f"{op}: {name}[{i}] is on {t.device}, params[{i}] on {p.device}")
         if p.device != params[0].device:
-            raise ValueError(f"importance_ema_: params[{i}] is on {p.device}, params[0] on {params[0].device}: "
+            raise ValueError(f"{op}: params[{i}] is on {p.device}, params[0] on {params[0].device}: "
                              f"one call updates tensors of one device")
 
 
@@ -124,7 +132,7 @@ def signal_of(g: torch.Tensor, p: torch.Tensor, signal: int) -> torch.Tensor:
     return g.abs()
 
 
-def _reference(state, scales, grads, params, beta, signal, seed, grad_scale, found_inf):
+def _reference(state, scales, grads, params, beta, signal, seed, grad_scale, found_inf, ids=()):
     """The module doc's math, tensor by tensor, in plain PyTorch."""
     if found_inf is not None and float(found_inf) != 0.0:
         return
@@ -151,12 +159,12 @@ def _reference(state, scales, grads, params, beta, signal, seed, grad_scale, fou
         if s.dtype == torch.float32:
             flat.copy_(x)
         elif s.dtype == torch.bfloat16:
-            r = random_bits(tensor_seed(seed, i), n, p.device) >> 16
+            r = random_bits(tensor_seed(seed, ids[i] if ids else i), n, p.device) >> 16
             bits = ((x.view(torch.int32).to(torch.int64) & _M32) + r) & 0xFFFF0000
             rounded = (bits - (bits >= 2**31).to(torch.int64) * 2**32).to(torch.int32).view(torch.float32)
             flat.copy_(torch.where(x.isnan(), x, rounded))  # exact: the low 16 bits are zero; NaN -> 0x7FC0
         else:
-            u = (random_bits(tensor_seed(seed, i), n, p.device) >> 8).float() * 2.0**-24
+            u = (random_bits(tensor_seed(seed, ids[i] if ids else i), n, p.device) >> 8).float() * 2.0**-24
             blocks = torch.nn.functional.pad(x, (0, pad)).view(-1, QBLOCK)
             step = blocks.amax(1) / 255.0
             safe = torch.where(step > 0, step, 1.0)
@@ -167,13 +175,14 @@ def _reference(state, scales, grads, params, beta, signal, seed, grad_scale, fou
             scale.copy_(step)
 
 
-def _fake(state, scales, grads, params, beta, signal, seed, grad_scale, found_inf):
+def _fake(state, scales, grads, params, beta, signal, seed, grad_scale, found_inf, ids=()):
     return None
 
 
 importance_ema_ = Op(
     "importance_ema_(Tensor(a!)[] state, Tensor(b!)[] scales, Tensor[] grads, Tensor[] params, float beta, "
-    "int signal, int seed, Tensor? grad_scale, Tensor? found_inf) -> ()",
+    "int signal, int seed, Tensor? grad_scale, Tensor? found_inf, int[] ids=[]) -> ()",
     check=_check, fake=_fake, reference=_reference, triton_module="importance")
 importance_ema_.__doc__ = """state[i] <- EMA step of signal s(grads[i], params[i]) (see cpift_fast.ops.importance);
-scales: one float32 tensor per uint8 state tensor, in state order."""
+scales: one float32 tensor per uint8 state tensor, in state order; ids: each tensor's random-stream id
+(empty: its position)."""
