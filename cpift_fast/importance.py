@@ -125,8 +125,8 @@ class ImportanceTracker:
         live = [p for _, p in self.params if p.grad is not None]
         if live:
             state, scales, ids = self.ema_arguments(live)
-            ops.importance_ema_(state, scales, [_local(p.grad) for p in live], [_local(p.detach()) for p in live], self.beta,
-                                SIGNALS.index(self.signal), self.call_seed(), grad_scale, found_inf, ids)
+            ops.importance_ema_(state, scales, [_local(p.grad) for p in live], [_local(p.detach()) for p in live],
+                                self.beta, SIGNALS.index(self.signal), self.call_seed(), grad_scale, found_inf, ids)
         self.advance()
 
     # ----- the fused step's side (MaskedAdamW(importance=tracker)) ------------------------------

@@ -50,7 +50,7 @@ SAMPLES = {
     "mask_popcount": lambda: (_words(9, 1), torch.tensor([0, 4, 4, 9])),
     "mask_binary": lambda: (_words(6, 2), _words(6, 3), ops.MASK_ANDNOT),
     "masked_adamw_": _adamw_args,
-    "masked_adamw_ema_": lambda: (*_adamw_args(), [torch.zeros(33, dtype=torch.uint8), torch.zeros(70, dtype=torch.uint8)],
+    "masked_adamw_ema_": lambda: (*_adamw_args(), [torch.zeros(n, dtype=torch.uint8) for n in (33, 70)],
                                   [torch.rand(1), torch.rand(1)], 0.99, 1, 3, [4, 1]),
     "masked_grad_sq_norm": lambda: ([torch.randn(33), torch.randn(70)], [_words(2, 4), _words(3, 5)]),
     "select_histogram": lambda: (*_pair(), 0, 0),

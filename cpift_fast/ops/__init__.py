@@ -17,6 +17,7 @@ _ops.extension()  # every schema is defined: the C++ kernels can register now
 
 __all__ = [
     "MASK_AND", "MASK_ANDNOT", "MASK_OR", "MASK_XOR", "mask_binary", "mask_pack", "mask_popcount", "mask_unpack",
-    "masked_adamw_", "masked_adamw_ema_", "masked_grad_sq_norm", "SELECT_BINS", "select_histogram", "select_mask", "overlap_counts",
+    "masked_adamw_", "masked_adamw_ema_", "masked_grad_sq_norm",
+    "SELECT_BINS", "select_histogram", "select_mask", "overlap_counts",
     "slerp_apply", "slerp_stats", "importance_ema_",
 ]

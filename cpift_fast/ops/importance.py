@@ -101,8 +101,8 @@ def _check(state, scales, grads, params, beta, signal, seed, grad_scale, found_i
     for k, i in enumerate(quantized):
         if scales[k].dtype != torch.float32 or scales[k].numel() != num_scales(params[i].numel()) \
                 or not scales[k].is_contiguous() or scales[k].device != params[i].device:
-            raise ValueError(f"{op}: {prefix}scales[{k}] (of {prefix}state[{i}]) must be a contiguous float32 tensor of "
-                             f"{num_scales(params[i].numel())} elements on {params[i].device}, got "
+            raise ValueError(f"{op}: {prefix}scales[{k}] (of {prefix}state[{i}]) must be a contiguous float32 tensor "
+                             f"of {num_scales(params[i].numel())} elements on {params[i].device}, got "
                              f"{scales[k].dtype}, {scales[k].numel()} elements on {scales[k].device}")
     for i, p in enumerate(params):
         if p.dtype not in _FLOATS:
