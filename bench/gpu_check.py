@@ -46,8 +46,9 @@ def main() -> int:
     records = {"meta": meta, "gpu_tests": {"exit": rc, "seconds": round(seconds, 1), "summary": summary.strip("= ")},
                "benchmarks": []}
     extra = sys.argv[1:]
-    for name in sorted(f for f in os.listdir(HERE) if f.startswith("bench_") and f.endswith(".py")):
-        code, secs, _ = _run([sys.executable, os.path.join(HERE, name), *extra])
+    suite = os.path.join(ROOT, "cpift_fast", "benchmarks")
+    for name in sorted(f for f in os.listdir(suite) if f.startswith("bench_") and f.endswith(".py")):
+        code, secs, _ = _run([sys.executable, "-m", "cpift_fast.benchmarks." + name[:-3], *extra])
         records["benchmarks"].append({"script": name, "exit": code, "seconds": round(secs, 1)})
     os.makedirs(RESULTS, exist_ok=True)
     lines = [f"# gpu-check, {meta['date']}", "",

@@ -1,4 +1,4 @@
-"""Run every benchmark in bench/ one after the other (each in its own process, so none disturbs
+"""Run every benchmark in cpift_fast/benchmarks/ one after the other (each in its own process, so none disturbs
 another's memory or threads). Results land in bench/results/.
 
     python bench/run_all.py            # full sizes
@@ -17,11 +17,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def main() -> int:
     extra = sys.argv[1:]
     failed = []
-    for script in sorted(glob.glob(os.path.join(HERE, "bench_*.py"))):
+    for script in sorted(glob.glob(os.path.join(os.path.dirname(HERE), "cpift_fast", "benchmarks", "bench_*.py"))):
         name = os.path.basename(script)
         print(f"\n=== {name} {' '.join(extra)}", flush=True)
         start = time.perf_counter()
-        if subprocess.run([sys.executable, script, *extra], cwd=os.path.dirname(HERE)).returncode != 0:
+        module = "cpift_fast.benchmarks." + name[:-3]
+        if subprocess.run([sys.executable, "-m", module, *extra], cwd=os.path.dirname(HERE)).returncode != 0:
             failed.append(name)
         print(f"=== {name}: {time.perf_counter() - start:.0f} s", flush=True)
     if failed:

@@ -21,7 +21,7 @@ import gc
 
 import torch
 
-from common import machine_info, median, time_it, write_results
+from .harness import machine_info, median, time_it, write_results
 
 
 def random_words(T: int, n: int, gen: torch.Generator, device: str) -> list[torch.Tensor]:

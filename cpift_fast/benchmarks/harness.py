@@ -11,16 +11,15 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
-if os.path.dirname(HERE) not in sys.path:
-    sys.path.insert(0, os.path.dirname(HERE))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# bench/results/ in a checkout (an editable install), else ./cpift-bench
+RESULTS = (os.path.join(ROOT, "bench", "results") if os.path.isfile(os.path.join(ROOT, "pyproject.toml"))
+           and os.path.isdir(os.path.join(ROOT, "bench")) else os.path.abspath("cpift-bench"))
 
 
 def sync(device: torch.device | str = "cpu") -> None:

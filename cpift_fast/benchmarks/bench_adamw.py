@@ -32,9 +32,8 @@ import time
 
 import torch
 
-from common import tensor_sizes
+from .harness import RESULTS, tensor_sizes
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 FRACTIONS = (0.01, 0.5, 0.99)
 LAYOUTS = ("random", "contiguous")
@@ -205,7 +204,7 @@ def main() -> None:
     parser.add_argument("--ref-steps", type=int, default=None, help="timed steps of the reference path")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
     args.n = args.n or (2**22 if args.quick else 2**26)
     args.tensors = args.tensors or (20 if args.quick else 100)

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from common import machine_info, median, tensor_sizes, time_it, write_results
+from .harness import machine_info, median, tensor_sizes, time_it, write_results
 
 
 def main() -> None:

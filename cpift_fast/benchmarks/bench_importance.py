@@ -25,7 +25,7 @@ import os
 
 import torch
 
-from common import machine_info, median, tensor_sizes, time_it, write_results
+from .harness import machine_info, median, tensor_sizes, time_it, write_results
 
 STATE_BYTES = {"fp32": 8.0, "bf16": 4.0, "int8": 2.0 + 8.0 / 256}  # read + write per element (+ scales)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": "int8"}

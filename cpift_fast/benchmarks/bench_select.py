@@ -34,9 +34,8 @@ import time
 
 import torch
 
-from common import machine_info, tensor_sizes
+from .harness import RESULTS, machine_info, tensor_sizes
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("exact", "approx", "topk", "kthvalue")
 
 
@@ -123,7 +122,7 @@ def run_worker(method: str, dtype_name: str, n: int, tensors: int, repeats: int,
 
 
 def run_in_subprocess(method: str, dtype: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, dtype, str(args.n), str(args.tensors),
+    cmd = [sys.executable, "-m", "cpift_fast.benchmarks.bench_select", "--worker", method, dtype, str(args.n), str(args.tensors),
            str(args.repeats), str(args.fraction)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -206,7 +205,7 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--stream-gb", type=float, default=None, help="GB per checkpoint (0: skip)")
     parser.add_argument("--workdir", default=tempfile.gettempdir())
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
