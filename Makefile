@@ -29,7 +29,7 @@ test: install cuda-check
 	$(PY) -m pytest -v --durations=15 tests
 
 bench: install
-	$(PY) bench/run_all.py
+	$(VENV)/bin/cpift bench --size full
 
 # On a CUDA machine: the gpu-marked tests and every benchmark, records in bench/results/ (gpu-check.md).
 gpu-check: install

@@ -1,13 +1,15 @@
 """`make gpu-check`: what only a CUDA machine can show, in one command.
 
 1. the gpu-marked tests (the compiled Triton kernels against the C++ / reference results CI proves),
-2. every benchmark (bench/run_all.py, on the GPU),
+2. every benchmark on the GPU (`cpift bench OP --device cuda`, one process per op; records in
+   bench/results/gpu/, beside the CPU records in bench/results/),
 then bench/results/gpu-check.md and .json: device, torch / triton / CUDA versions, date, the test
 summary and each benchmark's exit status and time. Exit status: non-zero if anything failed.
 
-    python bench/gpu_check.py [--quick]     # --quick: small benchmark sizes
+    python bench/gpu_check.py [--quick]     # --quick: the quick benchmark sizes (default: full)
 """
 
+import argparse
 import datetime
 import json
 import os
@@ -16,6 +18,8 @@ import sys
 import time
 
 import torch
+
+from cpift_fast.benchmarks import OPS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -31,6 +35,9 @@ def _run(cmd: list[str]) -> tuple[int, float, str]:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the quick benchmark sizes (default: full)")
+    size = "quick" if parser.parse_args().quick else "full"
     if not torch.cuda.is_available():
         print("gpu-check: torch sees no CUDA GPU here; nothing to check", file=sys.stderr)
         return 2
@@ -45,17 +52,16 @@ def main() -> int:
                                                                                       "failed" in line)), "no summary")
     records = {"meta": meta, "gpu_tests": {"exit": rc, "seconds": round(seconds, 1), "summary": summary.strip("= ")},
                "benchmarks": []}
-    extra = sys.argv[1:]
-    suite = os.path.join(ROOT, "cpift_fast", "benchmarks")
-    for name in sorted(f for f in os.listdir(suite) if f.startswith("bench_") and f.endswith(".py")):
-        code, secs, _ = _run([sys.executable, "-m", "cpift_fast.benchmarks." + name[:-3], *extra])
-        records["benchmarks"].append({"script": name, "exit": code, "seconds": round(secs, 1)})
+    for op in OPS:
+        code, secs, _ = _run([sys.executable, "-m", "cpift_fast.cli", "bench", op, "--size", size, "--device", "cuda",
+                              "--out", os.path.join(RESULTS, "gpu")])
+        records["benchmarks"].append({"op": op, "size": size, "exit": code, "seconds": round(secs, 1)})
     os.makedirs(RESULTS, exist_ok=True)
     lines = [f"# gpu-check, {meta['date']}", "",
              ", ".join(f"{k}: {v}" for k, v in meta.items() if k != "date"), "",
              f"gpu-marked tests: {records['gpu_tests']['summary']} (exit {rc})", "",
-             "| benchmark | exit | seconds |", "|---|---|---|"]
-    lines += [f"| {b['script']} | {b['exit']} | {b['seconds']} |" for b in records["benchmarks"]]
+             "| benchmark (bench/results/gpu/) | size | exit | seconds |", "|---|---|---|---|"]
+    lines += [f"| {b['op']} | {b['size']} | {b['exit']} | {b['seconds']} |" for b in records["benchmarks"]]
     for suffix, text in ((".json", json.dumps(records, indent=1)), (".md", "\n".join(lines) + "\n")):
         path = os.path.join(RESULTS, "gpu-check" + suffix)
         with open(path + ".tmp", "w") as f:

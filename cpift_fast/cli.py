@@ -10,6 +10,8 @@
                                      one stage kind / task at a time: --stage KIND [--task NAME] [--seed K]
     cpift sweep CONFIG --set K=V1,V2,...   one run per value (grid over two keys), stages shared; Fig. 2 plot
     cpift plan CONFIG                memory per GPU in each stage (model config only, no weights); fits?
+    cpift bench [OP ...]             benchmarks: each op vs its pure-PyTorch path and outside anchors
+                                     (--size quick|full, --out DIR): JSON records, Markdown, PNG
 """
 
 from __future__ import annotations
@@ -206,6 +208,28 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """`cpift bench [OP ...] [--size quick|full] [--out DIR] [--device D]`."""
+    import time
+
+    import torch
+
+    from . import benchmarks
+    from .benchmarks.harness import RESULTS
+
+    unknown = [op for op in args.ops if op not in benchmarks.OPS]
+    if unknown:
+        raise UsageError(f"unknown op {', '.join(map(repr, unknown))}; the ops are: {', '.join(benchmarks.OPS)}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: torch sees no CUDA GPU here")
+    start = time.perf_counter()
+    benchmarks.run(list(dict.fromkeys(args.ops)) or list(benchmarks.OPS), args.size, args.out or RESULTS, device,
+                   progress=not args.no_progress)
+    print(f"cpift bench --size {args.size}: {time.perf_counter() - start:.0f} s; results in {args.out or RESULTS}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
@@ -300,6 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="eager stores the attention scores (default: eager for tiny, sdpa for hub models)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_cmd_plan)
+
+    # [issue 14] cpift bench
+    p = sub.add_parser("bench", help="benchmarks: each op vs its pure-PyTorch path and outside anchors")
+    p.add_argument("ops", nargs="*", metavar="OP",
+                   help="mask, adamw, select, overlap, fuse, importance (default: all, in that order)")
+    p.add_argument("--size", choices=["quick", "full"], default="quick",
+                   help="quick: small sizes, the whole suite in minutes; full: the sizes of the published records")
+    p.add_argument("--out", help="where <op>.json, .md and .png go (default: bench/results/ in a checkout, "
+                   "else ./cpift-bench)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when torch sees a GPU, else cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.set_defaults(func=_cmd_bench)
 
     for command in sub.choices.values():  # --debug also after the subcommand
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

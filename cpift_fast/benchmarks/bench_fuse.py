@@ -1,29 +1,27 @@
-"""Benchmark: per-tensor SLERP over ~100 tensors totalling N elements (fp32 and bf16).
+"""Benchmark: per-tensor SLERP over ~100 tensors totalling N elements (fp32 and bf16), and over the
+tensor shapes of a LLaMA-style model (bf16).
 
   fused      cpift_fast.slerp: one fused reduction pass + one fused elementwise pass
              (C++ on CPU, Triton on CUDA)
   reference  the same function on the pure-PyTorch path (CPIFT_BACKEND=torch)
   mergekit   mergekit's own slerp function (mergekit.merge_methods.slerp.slerp), result cast to the
-             input dtype as mergekit does when it writes the merge; skipped with the reason printed
+             input dtype as mergekit does when it writes the merge; skipped with the reason recorded
              when mergekit is not importable (pip install --no-deps mergekit)
-  copy BW    torch.add(a, b) over the same tensors: a one-pass floor (read a, b; write out)
+  a + b      torch.add(a, b) over the same tensors: a one-pass floor (read a, b; write out)
 
 GB/s counts one read of a and b and one write of the result. Pairs are realistic for fine-tuned
 weights (b = a + small noise, so most tensors take the true-SLERP branch). Targets: fused >= 3x
 faster than mergekit and >= 2x faster than the reference.
-
-    python bench/bench_fuse.py            # N = 10^8
-    python bench/bench_fuse.py --quick    # N = 10^6
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 
-from .harness import machine_info, median, tensor_sizes, time_it, write_results
+from .harness import Case, Path, count, describe_mix, mix, run_op, target
+
+SIZES = {"quick": 10**6, "full": 10**8}
+T = 0.4
 
 
 def mergekit_slerp_fn():
@@ -41,7 +39,7 @@ def mergekit_slerp_fn():
         assert probe.shape == (1, 4)
 
         def run(t, a, b):
-            return mk(torch.tensor([t]), a.unsqueeze(0), b.unsqueeze(0)).reshape(a.shape).to(a.dtype)
+            return mk(torch.tensor([t], device=a.device), a.unsqueeze(0), b.unsqueeze(0)).reshape(a.shape).to(a.dtype)
     except Exception:  # noqa: BLE001 - older mergekit: numpy, scalar t
 
         def run(t, a, b):
@@ -53,78 +51,61 @@ def mergekit_slerp_fn():
     return run, f"mergekit {version('mergekit')} (its torch slerp)"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def _paths() -> tuple[str, ...]:
+    names = ("fused", "pure PyTorch", "a + b (torch.add)")
+    return names + ("mergekit",) if mergekit_slerp_fn()[0] is not None else names
 
+
+def specs(size: str) -> list[dict]:
+    n = SIZES[size]
+    return [{"case": f"{dtype}, {count(n)} elements in 100 tensors", "dtype": dtype, "mix": "log", "n": n,
+             "tensors": 100, "headline": True, "paths": _paths()} for dtype in ("float32", "bfloat16")] + [
+        {"case": f"bfloat16, LLaMA shapes, {count(n)} elements", "dtype": "bfloat16", "mix": "llama", "n": n,
+         "tensors": None, "headline": False, "paths": _paths()}]
+
+
+def build(spec: dict, device: torch.device) -> Case:
     from cpift_fast import _ops, slerp
 
-    n = 10**6 if args.quick else 10**8
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, spec["dtype"])
+    shapes = mix(spec["mix"], spec["n"], spec["tensors"])
+    gen = torch.Generator().manual_seed(0)
+    pairs = []
+    for _, shape in shapes:
+        a = torch.randn(shape, generator=gen)
+        b = a + 0.3 * torch.randn(shape, generator=gen)
+        pairs.append((a.to(dtype).to(device), b.to(dtype).to(device)))
+    nbytes = 3 * sum(a.numel() for a, _ in pairs) * dtype.itemsize
     backend = _ops.OPS["slerp_apply"].backend_for(device)
-    sizes = tensor_sizes(n, 100)
-    mk, mk_note = mergekit_slerp_fn()
-    print(mk_note)
-    t = 0.4
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        gen = torch.Generator().manual_seed(0)
-        pairs = []
-        for s in sizes:
-            a = torch.randn(s, generator=gen)
-            b = a + 0.3 * torch.randn(s, generator=gen)
-            pairs.append((a.to(dtype).to(device), b.to(dtype).to(device)))
-        nbytes = 3 * n * pairs[0][0].element_size()
 
-        def run_ours(backend_name):
-            def go():
-                if backend_name is None:
-                    os.environ.pop("CPIFT_BACKEND", None)
-                else:
-                    os.environ["CPIFT_BACKEND"] = backend_name
-                try:
-                    return [slerp(t, a, b) for a, b in pairs]
-                finally:
-                    os.environ.pop("CPIFT_BACKEND", None)
-            return go
+    def ours():
+        return [slerp(T, a, b) for a, b in pairs]
 
-        paths = {f"fused ({backend})": run_ours(None), "reference (torch)": run_ours("torch"),
-                 "copy BW (torch.add)": lambda: [torch.add(a, b) for a, b in pairs]}
+    paths = {"fused": Path(ours, "fused", nbytes, extra={"backend": backend}),
+             "pure PyTorch": Path(ours, "reference", nbytes, backend="torch", extra={"backend": "torch"}),
+             "a + b (torch.add)": Path(lambda: [torch.add(a, b) for a, b in pairs], "floor", nbytes)}
+    mk, _ = mergekit_slerp_fn()
+    if mk is not None:
+        worst = max(float((x.float() - y.float()).abs().max() / (y.float().abs().max() + 1e-30))
+                    for x, y in zip(ours(), [mk(T, a, b) for a, b in pairs]))
+        paths["mergekit"] = Path(lambda: [mk(T, a, b) for a, b in pairs], "anchor", nbytes,
+                                 extra={"max_rel_diff_vs_fused": worst})
+    params = {k: v for k, v in spec.items() if k not in ("case", "paths")} | describe_mix(shapes) | {"t": T}
+    return Case(spec["case"], params, paths, baseline="fused")
+
+
+def run(size: str, device: torch.device, progress: bool = True):
+    result = run_op("fuse", specs(size), build, size, device, progress)
+    mk, why = mergekit_slerp_fn()
+    if mk is None:
+        result.skipped.append({"path": "mergekit", "reason": why})
+    else:
+        result.notes.append(f"{why}; max_rel_diff_vs_fused: the largest |mergekit - fused| / max |mergekit| of "
+                            "any tensor.")
+    for spec in specs(size):
+        result.targets.append(target(f"fused vs pure PyTorch, {spec['case']}",
+                                     result.find(spec["case"], "pure PyTorch")["ratio"], ">= 2"))
         if mk is not None:
-            paths["mergekit"] = lambda: [mk(t, a, b) for a, b in pairs]
-        ours = paths[f"fused ({backend})"]()
-        if mk is not None:
-            theirs = paths["mergekit"]()
-            worst = max(float((x.float() - y.float()).abs().max() / (y.float().abs().max() + 1e-30))
-                        for x, y in zip(ours, theirs))
-            print(f"{dtype}: max relative difference fused vs mergekit {worst:.2e}")
-        del ours
-        times = {name: median(time_it(fn, repeats=args.repeats, device=device)) for name, fn in paths.items()}
-        fused = times[f"fused ({backend})"]
-        for name, sec in times.items():
-            rows.append({"dtype": str(dtype).replace("torch.", ""), "path": name, "ms": 1e3 * sec,
-                         "GB/s": nbytes / sec / 1e9, "fused speed-up": sec / fused})
-        del pairs
-
-    def ratio(dtype, name):
-        r = [row for row in rows if row["dtype"] == dtype and row["path"] == name]
-        return r[0]["fused speed-up"] if r else None
-
-    notes = [f"{len(sizes)} tensors, {n} elements, t = {t}; {mk_note}."]
-    for dtype in ("float32", "bfloat16"):
-        ref = ratio(dtype, "reference (torch)")
-        mkr = ratio(dtype, "mergekit")
-        notes.append(f"{dtype}: {ref:.1f}x vs reference (target 2x: {'met' if ref >= 2 else 'MISSED'})"
-                     + (f", {mkr:.1f}x vs mergekit (target 3x: {'met' if mkr >= 3 else 'MISSED'})"
-                        if mkr is not None else ", mergekit skipped"))
-    if device == "cpu":
-        notes.append("Triton: not timed (no GPU here; the interpreter is a correctness tool, not a benchmark).")
-    meta = {**machine_info(device), "elements": n, "tensors": len(sizes)}
-    write_results("fuse_quick" if args.quick else "fuse", rows, ["dtype", "path", "ms", "GB/s", "fused speed-up"],
-                  meta, "\n".join(notes))
-
-
-if __name__ == "__main__":
-    main()
+            result.targets.append(target(f"fused vs mergekit, {spec['case']}",
+                                         result.find(spec["case"], "mergekit")["ratio"], ">= 3"))
+    return result

@@ -1,78 +1,62 @@
 """Benchmark: ParamMask primitives (pack, union, count) vs the pure-PyTorch path and bool masks.
 
-N elements in ~100 tensors. For each op:
+N elements in ~100 tensors (log-uniform mix), and the tensor shapes of a LLaMA-style model. Per op:
   fused      ParamMask through the default backend (C++ on CPU, Triton on CUDA)
   reference  ParamMask on the pure-PyTorch path (CPIFT_BACKEND=torch)
   bool       what users write today: one bool tensor per parameter (8x the memory)
 GB/s counts the bytes each path must move (words: 4 B per 32 elements; bool: 1 B per element).
-
-    python bench/bench_mask.py            # N = 2^28
-    python bench/bench_mask.py --quick    # N = 2^22
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-
 import torch
 
-from .harness import machine_info, median, tensor_sizes, time_it, write_results
+from .harness import Case, Path, describe_mix, mix, run_op
+
+SIZES = {"quick": 2**22, "full": 2**28}
+OPS = ("pack", "union", "count")
+PATHS = ("fused", "pure PyTorch", "bool tensors")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+def specs(size: str) -> list[dict]:
+    n = SIZES[size]
+    return [{"case": f"{op}, {n / 2**20:.0f}M elements in 100 tensors", "op": op, "mix": "log", "n": n,
+             "tensors": 100, "headline": True, "paths": PATHS} for op in OPS] + [
+        {"case": f"{op}, LLaMA shapes, {n / 2**20:.0f}M elements", "op": op, "mix": "llama", "n": n, "tensors": None,
+         "headline": False, "paths": PATHS} for op in OPS]
 
+
+def build(spec: dict, device: torch.device) -> Case:
+    from cpift_fast import ParamMask, _ops
+
+    shapes = mix(spec["mix"], spec["n"], spec["tensors"])
+    g = torch.Generator().manual_seed(0)
+    a_bool = {name: (torch.rand(shape, generator=g) < 0.01).to(device) for name, shape in shapes}
+    b_bool = {name: (torch.rand(shape, generator=g) < 0.01).to(device) for name, shape in shapes}
+    n = sum(v.numel() for v in a_bool.values())
+    a, b = ParamMask.from_bool(a_bool), ParamMask.from_bool(b_bool)
+    op = spec["op"]
+    ours = {"pack": (lambda: ParamMask.from_bool(a_bool), n / 8 + n),
+            "union": (lambda: a | b, 3 * n / 8),
+            "count": (lambda: a.count(), n / 8)}[op]
+    theirs = {"pack": (lambda: {k: v.clone() for k, v in a_bool.items()}, 2 * n),
+              "union": (lambda: {k: a_bool[k] | b_bool[k] for k in a_bool}, 3 * n),
+              "count": (lambda: sum(int(v.sum()) for v in a_bool.values()), n)}[op]
+    kernel = _ops.OPS[{"pack": "mask_pack", "union": "mask_binary", "count": "mask_popcount"}[op]]
+    params = {k: v for k, v in spec.items() if k not in ("case", "paths")} | describe_mix(shapes)
+    return Case(spec["case"], params, {
+        PATHS[0]: Path(ours[0], "fused", ours[1], extra={"backend": kernel.backend_for(device)}),
+        PATHS[1]: Path(ours[0], "reference", ours[1], backend="torch", extra={"backend": "torch"}),
+        PATHS[2]: Path(theirs[0], "anchor", theirs[1]),
+    }, baseline=PATHS[0])
+
+
+def run(size: str, device: torch.device, progress: bool = True):
     from cpift_fast import ParamMask
 
-    n = 2**22 if args.quick else 2**28
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(0)
-    sizes = tensor_sizes(n, 100)
-    a_bool = {f"p{i}": (torch.rand(s, generator=g) < 0.01).to(device) for i, s in enumerate(sizes)}
-    b_bool = {f"p{i}": (torch.rand(s, generator=g) < 0.01).to(device) for i, s in enumerate(sizes)}
-
-    def per_path(backend: str | None):
-        if backend is None:
-            os.environ.pop("CPIFT_BACKEND", None)
-        else:
-            os.environ["CPIFT_BACKEND"] = backend
-        a, b = ParamMask.from_bool(a_bool), ParamMask.from_bool(b_bool)
-        return {
-            "pack": (lambda: ParamMask.from_bool(a_bool), n / 8 + n),
-            "union": (lambda: a | b, 3 * n / 8),
-            "count": (lambda: a.count(), n / 8),
-        }
-
-    paths = {"fused": per_path(None), "reference": per_path("torch")}
-    os.environ.pop("CPIFT_BACKEND", None)
-    paths["bool"] = {
-        "pack": (lambda: {k: v.clone() for k, v in a_bool.items()}, 2 * n),
-        "union": (lambda: {k: a_bool[k] | b_bool[k] for k in a_bool}, 3 * n),
-        "count": (lambda: sum(int(v.sum()) for v in a_bool.values()), n),
-    }
-
-    rows = []
-    for op in ("pack", "union", "count"):
-        times = {}
-        for path, ops in paths.items():
-            if path == "reference":
-                os.environ["CPIFT_BACKEND"] = "torch"
-            fn, nbytes = ops[op]
-            times[path] = median(time_it(fn, repeats=args.repeats, device=device))
-            os.environ.pop("CPIFT_BACKEND", None)
-            rows.append({"op": op, "path": path, "ms": 1e3 * times[path], "GB/s": nbytes / times[path] / 1e9})
-        for row in rows[-3:]:
-            row["fused speed-up"] = times[row["path"]] / times["fused"]
-
-    meta = machine_info(device) | {"elements": n, "tensors": len(sizes)}
-    write_results("mask" + ("_quick" if args.quick else ""), rows, ["op", "path", "ms", "GB/s", "fused speed-up"], meta,
-                  notes=f"words for {n} elements: {ParamMask.from_bool(a_bool).words.numel() * 4 / 1e6:.1f} MB "
-                        f"(bool: {n / 1e6:.1f} MB)")
-
-
-if __name__ == "__main__":
-    main()
+    result = run_op("mask", specs(size), build, size, device, progress)
+    n = SIZES[size]
+    words = ParamMask.from_bool({"w": torch.zeros(n, dtype=torch.bool)}).words.numel() * 4
+    result.notes.append(f"words for {n} elements: {words / 1e6:.1f} MB (bool: {n / 1e6:.1f} MB). GB/s: the bytes "
+                        "each path must move (words 4 B per 32 elements, bool 1 B per element).")
+    return result

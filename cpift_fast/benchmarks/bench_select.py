@@ -1,32 +1,35 @@
 """Benchmark: core-region selection (exact global top-k of |tuned − base|).
 
-In memory: N elements in ~T tensors (bf16 and fp32), fraction 1%:
+In memory, fraction 1 %: N elements in T tensors (log-uniform mix, bf16 and fp32), the tensor
+shapes of a LLaMA-style model (bf16), and 100 tensors of 200k elements (bf16; tensors below the
+parallel threshold). Paths:
   exact      cpift_fast.core_region (3 passes: histogram, refine, mask)
   approx     core_region(mode="approx") (2 passes)
-  topk       the pure-PyTorch path: concatenate |diff| and torch.topk (cpift_fast.ops.select.core_region_topk)
+  topk       the pure-PyTorch path: concatenate |diff| and torch.topk
+             (cpift_fast.ops.select.core_region_topk: the same k and tie rule as exact)
   kthvalue   concatenate |diff|, torch.kthvalue for the threshold, compare (no tie handling)
-Each method runs in its own subprocess: time = median of --repeats runs; peak extra memory = the
-RSS high-water mark during the first run (reset through /proc/self/clear_refs just before it)
-minus the RSS before it, the inputs being resident (tracemalloc cannot see torch's allocations).
+(core_region under CPIFT_BACKEND=torch is not timed: its histogram reference is written to be
+read, ~25x slower than concat + topk, ~20 minutes per call at the full size.)
+GB/s: input bytes (both tensors) / time. Peak extra memory: one process (``--probe``) builds the
+cases one after the other and runs each path once after a warm-up, with the RSS high-water mark
+reset through /proc/self/clear_refs before each and glibc's mmap threshold fixed at 64 KiB (every
+larger block is its own mapping, returned at free, so the RSS follows the live memory from path
+to path); it includes the N/8-byte result mask. On CUDA: torch.cuda.max_memory_allocated.
 
-Streamed: two sharded bf16 checkpoint directories of --stream-gb GB each; core_region over the
-directories vs a plain read of every byte of both, with the page cache evicted first
+Streamed: two sharded bf16 checkpoint directories of G GB each; core_region over the directories
+vs a plain read of every byte of both, with the page cache evicted before each call
 (posix_fadvise DONTNEED: the disk is the limit) and warm.
 
-    python bench/bench_select.py            # N = 1e8, ~200 tensors, 2 GB checkpoints
-    python bench/bench_select.py --quick    # N = 2e6, 20 tensors, 0.05 GB checkpoints
-Writes bench/results/select.json and select.md.
+Targets: exact >= 5x concat + topk (every in-memory case), peak extra <= 64 MB, approx >= 1.5x
+exact, streamed <= 1.5x the plain read warm and <= 1.1x cold.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,12 +37,15 @@ import time
 
 import torch
 
-from .harness import RESULTS, machine_info, tensor_sizes
+from .harness import BUDGETS, Case, Path, Stats, count, describe_mix, mix, record, run_op, target, tensor_sizes
 
-METHODS = ("exact", "approx", "topk", "kthvalue")
+PATHS = ("exact", "approx", "concat + topk", "concat + kthvalue")
+SIZES = {"quick": {"n": 2_000_000, "tensors": 20, "uniform": (20, 100_000), "stream_gb": 0.05},
+         "full": {"n": 100_000_000, "tensors": 200, "uniform": (100, 200_000), "stream_gb": 2.0}}
+FRACTION = 0.01
 
 
-def make_pair(size: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def make_pair(size, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A fine-tuning-like pair: weights ~ N(0, 0.02), dense small updates ~ N(0, 2e-4)."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(size, generator=g) * 0.02
@@ -75,25 +81,46 @@ def peak_rss() -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# one method in one process
+# in memory
 # ---------------------------------------------------------------------------------------------
 
-def run_worker(method: str, dtype_name: str, n: int, tensors: int, repeats: int, fraction: float) -> dict:
+def specs(size: str) -> list[dict]:
+    s = SIZES[size]
+    many, each = s["uniform"]
+    return [{"case": f"{dtype}, {count(s['n'])} elements in {s['tensors']} tensors", "dtype": dtype, "mix": "log",
+             "n": s["n"], "tensors": s["tensors"], "headline": True, "paths": PATHS}
+            for dtype in ("bfloat16", "float32")] + [
+        {"case": f"bfloat16, LLaMA shapes, {count(s['n'])} elements", "dtype": "bfloat16", "mix": "llama",
+         "n": s["n"], "tensors": None, "headline": True, "paths": PATHS},
+        {"case": f"bfloat16, {many} tensors of {count(each)}", "dtype": "bfloat16", "mix": "uniform",
+         "n": many * each, "tensors": many, "headline": True, "paths": PATHS}]
+
+
+def _shapes(spec: dict) -> list[tuple[str, tuple[int, ...]]]:
+    if spec["mix"] == "uniform":
+        return [(f"layers.{i}.w", (spec["n"] // spec["tensors"],)) for i in range(spec["tensors"])]
+    return mix(spec["mix"], spec["n"], spec["tensors"])
+
+
+def build(spec: dict, device: torch.device) -> Case:
     from cpift_fast import core_region
     from cpift_fast.ops.select import core_region_topk
     from cpift_fast.select import round_half_up
 
-    dtype = getattr(torch, dtype_name)
+    dtype = getattr(torch, spec["dtype"])
+    shapes = _shapes(spec)
     base, tuned = {}, {}
-    for i, size in enumerate(tensor_sizes(n, tensors)):
-        base[f"layers.{i}.w"], tuned[f"layers.{i}.w"] = make_pair(size, dtype, i)
-    k = round_half_up(fraction, n)
+    for i, (name, shape) in enumerate(shapes):
+        b, t = make_pair(shape, dtype, i)
+        base[name], tuned[name] = b.to(device), t.to(device)
+    n = sum(t.numel() for t in base.values())
+    k = round_half_up(FRACTION, n)
 
     def exact():
-        return core_region(base, tuned, fraction, progress=False).count()
+        return core_region(base, tuned, FRACTION, progress=False).count()
 
     def approx():
-        return core_region(base, tuned, fraction, mode="approx", progress=False).count()
+        return core_region(base, tuned, FRACTION, mode="approx", progress=False).count()
 
     def topk():
         bits = core_region_topk(list(base.items()), list(tuned.items()), k)
@@ -105,27 +132,51 @@ def run_worker(method: str, dtype_name: str, n: int, tensors: int, repeats: int,
         bits = diff >= threshold
         return int(bits.sum())
 
-    fn = {"exact": exact, "approx": approx, "topk": topk, "kthvalue": kthvalue}[method]
-    before = reset_peak_rss()
-    t0 = time.perf_counter()
-    count = fn()
-    times = [time.perf_counter() - t0]
-    peak = peak_rss() - before
-    for _ in range(repeats - 1):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"method": method, "dtype": dtype_name, "n": n, "k": k, "count": count, "times": times,
-            "median_s": median, "input_gb_per_s": 2 * n * base["layers.0.w"].element_size() / median / 1e9,
-            "peak_extra_bytes": peak}
+    nbytes = 2 * n * dtype.itemsize
+    slow = {"rounds": 2}  # seconds per call at full size: two rounds give min and max
+    params = {k: v for k, v in spec.items() if k not in ("case", "paths")} | describe_mix(shapes) | {"k": k}
+    return Case(spec["case"], params, {
+        PATHS[0]: Path(exact, "fused", nbytes),
+        PATHS[1]: Path(approx, "fused", nbytes),
+        PATHS[2]: Path(topk, "reference", nbytes, **slow),
+        PATHS[3]: Path(kthvalue, "anchor", nbytes, **slow),
+    }, baseline=PATHS[0])
 
 
-def run_in_subprocess(method: str, dtype: str, args) -> dict:
-    cmd = [sys.executable, "-m", "cpift_fast.benchmarks.bench_select", "--worker", method, dtype, str(args.n), str(args.tensors),
-           str(args.repeats), str(args.fraction)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def probe(size: str, device: torch.device) -> dict[str, dict[str, dict]]:
+    """Each path of each case once, after a warm-up: {case: {path: {"peak_extra_bytes", "selected"}}}."""
+    from cpift_fast import core_region
+
+    warm = {"w": torch.ones(4096, device=device)}
+    core_region(warm, {"w": warm["w"] * 2}, FRACTION, progress=False)  # extension and thread pool up
+    return {spec["case"]: _probe_case(build(spec, device), device) for spec in specs(size)}
+
+
+def _probe_case(case: Case, device: torch.device) -> dict[str, dict]:
+    out = {}
+    for name, path in case.paths.items():
+        fn = path.call()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            selected = fn()
+            peak = torch.cuda.max_memory_allocated(device) - before
+        else:
+            before = reset_peak_rss()
+            selected = fn()
+            peak = peak_rss() - before
+        out[name] = {"peak_extra_bytes": peak, "selected": int(selected)}
+    return out
+
+
+def probe_in_subprocess(size: str, device: torch.device) -> dict[str, dict[str, dict]]:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, "-m", "cpift_fast.benchmarks.bench_select", "--probe", size, str(device)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"select memory probe failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,144 +204,95 @@ def plain_read(directories: list[str]) -> int:
     return total
 
 
-def run_stream(args, workdir: str) -> dict:
+def run_stream(size: str, workdir: str, copy_gbps: float) -> tuple[list[dict], dict]:
+    """Records of the streamed cases (cold, warm) and facts about the checkpoints."""
     from cpift_fast import core_region
     from cpift_fast.io import ShardedWriter
 
-    n = int(args.stream_gb * 1e9 / 2)  # bf16
+    s = SIZES[size]
+    n = int(s["stream_gb"] * 1e9 / 2)  # bf16
     dirs = [os.path.join(workdir, "base"), os.path.join(workdir, "tuned")]
     t0 = time.perf_counter()
     with ShardedWriter(dirs[0], "1GB") as wb, ShardedWriter(dirs[1], "1GB") as wt:
-        for i, size in enumerate(tensor_sizes(n, args.tensors, seed=1)):
-            b, t = make_pair(size, torch.bfloat16, 1000 + i)
+        for i, each in enumerate(tensor_sizes(n, s["tensors"], seed=1)):
+            b, t = make_pair(each, torch.bfloat16, 1000 + i)
             wb.add(f"layers.{i}.w", b)
             wt.add(f"layers.{i}.w", t)
     write_s = time.perf_counter() - t0
-    size = sum(os.path.getsize(os.path.join(d, f)) for d in dirs for f in os.listdir(d))
-    result = {"n_per_checkpoint": n, "bytes_both": size, "write_s": write_s}
+    nbytes = sum(os.path.getsize(os.path.join(d, f)) for d in dirs for f in os.listdir(d))
+    selected = []
+
+    def select():
+        selected.append(core_region(dirs[0], dirs[1], FRACTION, progress=False).count())
+
+    paths = {"plain read of both": Path(lambda: plain_read(dirs), "floor", nbytes),
+             "core_region (streamed)": Path(select, "fused", nbytes)}
+    budget = BUDGETS[size]
+    records = []
     for temp in ("cold", "warm"):
-        if temp == "cold":
-            for d in dirs:
-                evict(d)
-        t0 = time.perf_counter()
-        plain_read(dirs)
-        result[f"read_{temp}_s"] = time.perf_counter() - t0
-        if temp == "cold":
-            for d in dirs:
-                evict(d)
-        t0 = time.perf_counter()
-        mask = core_region(dirs[0], dirs[1], args.fraction, progress=False)
-        result[f"core_{temp}_s"] = time.perf_counter() - t0
-        result[f"ratio_{temp}"] = result[f"core_{temp}_s"] / result[f"read_{temp}_s"]
-    result["selected"] = mask.count()
-    return result
+        case = Case(f"streamed 2 x {nbytes / 2e9:.2g} GB bf16 checkpoints, {temp} page cache",
+                    {"mix": "log", "n": n, "tensors": s["tensors"], "cache": temp, "headline": True},
+                    paths, baseline="plain read of both")
+        times = {name: [] for name in paths}
+        for _ in range(budget.rounds):  # one call per round, evicted before it when cold
+            for name, path in paths.items():
+                if temp == "cold":
+                    for d in dirs:
+                        evict(d)
+                t0 = time.perf_counter()
+                path.fn()
+                times[name].append(time.perf_counter() - t0)
+        stats = {name: Stats.of(t) for name, t in times.items()}
+        records += [record("select", case, name, stats[name], copy_gbps, stats[case.baseline]) for name in paths]
+    return records, {"bytes_both": nbytes, "write_s": write_s, "selected": selected[-1]}
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def machine() -> dict:
-    return {**machine_info("cpu"), "cores": os.cpu_count(), "platform": platform.platform(),
-            "load_average_1m": os.getloadavg()[0]}
+def run(size: str, device: torch.device, progress: bool = True, workdir: str | None = None):
+    result = run_op("select", specs(size), build, size, device, progress)
+    if progress:
+        print("  select: peak memory (one process)", flush=True)
+    peaks = probe_in_subprocess(size, device)
+    for spec in specs(size):
+        for name, facts in peaks[spec["case"]].items():
+            result.find(spec["case"], name).update(facts)
+        exact, topk = result.find(spec["case"], PATHS[0]), result.find(spec["case"], PATHS[2])
+        result.targets.append(target(f"exact vs concat + topk, {spec['case']}", topk["ratio"], ">= 5"))
+        result.targets.append(target(f"exact: peak extra memory (MB), {spec['case']}",
+                                     exact["peak_extra_bytes"] / 1e6, "<= 64"))
+        result.targets.append(target(f"approx vs exact, {spec['case']}",
+                                     1 / result.find(spec["case"], PATHS[1])["ratio"], ">= 1.5"))
 
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
-    parser.add_argument("--n", type=int, default=None)
-    parser.add_argument("--tensors", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fraction", type=float, default=0.01)
-    parser.add_argument("--dtypes", default="bfloat16,float32")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--stream-gb", type=float, default=None, help="GB per checkpoint (0: skip)")
-    parser.add_argument("--workdir", default=tempfile.gettempdir())
-    parser.add_argument("--out", default=RESULTS)
-    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        method, dtype, n, tensors, repeats, fraction = args.worker
-        print(json.dumps(run_worker(method, dtype, int(n), int(tensors), int(repeats), float(fraction))))
-        return
-    args.n = args.n or (2_000_000 if args.quick else 100_000_000)
-    args.tensors = args.tensors or (20 if args.quick else 200)
-    if args.stream_gb is None:
-        args.stream_gb = 0.05 if args.quick else 2.0
-
-    rows = []
-    for dtype in args.dtypes.split(","):
-        for method in args.methods.split(","):
-            r = run_in_subprocess(method, dtype, args)
-            rows.append(r)
-            print(f"{dtype:>9} {method:>9}: {1e3 * r['median_s']:9.1f} ms  {r['input_gb_per_s']:6.2f} GB/s  "
-                  f"peak extra {r['peak_extra_bytes'] / 2**20:8.1f} MiB  selected {r['count']}", flush=True)
-    summary = {}
-    for dtype in args.dtypes.split(","):
-        by = {r["method"]: r for r in rows if r["dtype"] == dtype}
-        s = {}
-        if "exact" in by and "topk" in by:
-            s["exact_vs_topk"] = by["topk"]["median_s"] / by["exact"]["median_s"]
-        if "exact" in by and "kthvalue" in by:
-            s["exact_vs_kthvalue"] = by["kthvalue"]["median_s"] / by["exact"]["median_s"]
-        if "exact" in by and "approx" in by:
-            s["approx_vs_exact"] = by["exact"]["median_s"] / by["approx"]["median_s"]
-        summary[dtype] = s
-        print(dtype, {k: round(v, 2) for k, v in s.items()})
-
-    stream = None
-    if args.stream_gb > 0:
-        need = 2 * args.stream_gb * 1e9 * 1.1
-        free = shutil.disk_usage(args.workdir).free
-        if free < need + 2e9:
-            print(f"skipping the streamed run: {free / 1e9:.1f} GB free in {args.workdir}, need {need / 1e9:.1f}")
-        else:
-            workdir = tempfile.mkdtemp(prefix="cpift-bench-select-", dir=args.workdir)
-            try:
-                stream = run_stream(args, workdir)
-            finally:
-                shutil.rmtree(workdir, ignore_errors=True)
-            print("streamed:", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in stream.items()})
-
-    result = {"machine": machine(), "n": args.n, "tensors": args.tensors, "fraction": args.fraction,
-              "repeats": args.repeats, "rows": rows, "ratios": summary, "stream": stream,
-              "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
-    os.makedirs(args.out, exist_ok=True)
-    tag = "select_quick" if args.quick else "select"
-    write_atomic(os.path.join(args.out, f"{tag}.json"), json.dumps(result, indent=2))
-    write_atomic(os.path.join(args.out, f"{tag}.md"), markdown(result))
-    print(f"results in {args.out}/{tag}.json and .md")
-
-
-def markdown(result: dict) -> str:
-    m = result["machine"]
-    lines = [f"# core selection benchmark ({result['date']})", "",
-             f"N = {result['n']:.3g} elements in {result['tensors']} tensors, fraction {result['fraction']}, "
-             f"median of {result['repeats']}; {m['device']}, {m['cores']} cores ({m['cpu_threads']} torch threads), "
-             f"torch {m['torch']}, triton {m['triton']}, load average {m['load_average_1m']:.1f} at the start", "",
-             "GB/s: input bytes (both checkpoints) / time. Peak extra includes the N/8-byte result mask.", "",
-             "| dtype | method | time (ms) | GB/s | peak extra (MiB) | selected |", "|---|---|---:|---:|---:|---:|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['dtype']} | {r['method']} | {1e3 * r['median_s']:.1f} | {r['input_gb_per_s']:.2f} | "
-                     f"{r['peak_extra_bytes'] / 2**20:.1f} | {r['count']} |")
-    lines += ["", "| dtype | exact vs concat+topk | exact vs kthvalue | approx vs exact |", "|---|---:|---:|---:|"]
-    for dtype, s in result["ratios"].items():
-        lines.append(f"| {dtype} | {s.get('exact_vs_topk', float('nan')):.2f}× | "
-                     f"{s.get('exact_vs_kthvalue', float('nan')):.2f}× | {s.get('approx_vs_exact', float('nan')):.2f}× |")
-    s = result["stream"]
-    if s:
-        lines += ["", f"Streamed: two bf16 checkpoints, {s['bytes_both'] / 2e9:.2f} GB each",
-                  "", "| page cache | plain read of both (s) | core_region (s) | ratio |", "|---|---:|---:|---:|"]
-        for temp in ("cold", "warm"):
-            lines.append(f"| {temp} | {s[f'read_{temp}_s']:.2f} | {s[f'core_{temp}_s']:.2f} | {s[f'ratio_{temp}']:.2f}× |")
-    return "\n".join(lines) + "\n"
-
-
-def write_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    workdir = workdir or tempfile.gettempdir()
+    gb = SIZES[size]["stream_gb"]
+    need = 2 * gb * 1e9 * 1.1
+    free = shutil.disk_usage(workdir).free
+    if free < need + 2e9:
+        result.skipped.append({"path": "streamed checkpoints", "reason": f"{free / 1e9:.1f} GB free in {workdir}, "
+                                                                         f"need {need / 1e9:.1f}"})
+    else:
+        tmp = tempfile.mkdtemp(prefix="cpift-bench-select-", dir=workdir)
+        try:
+            if progress:
+                print(f"  select: streamed, 2 x {gb} GB checkpoints", flush=True)
+            records, facts = run_stream(size, tmp, result.meta["copy_gbps"])
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        result.records += records
+        result.extra["stream"] = facts
+        for temp, goal in (("warm", "<= 1.5"), ("cold", "<= 1.1")):
+            r = next(r for r in records if r["params"]["cache"] == temp and r["role"] == "fused")
+            result.targets.append(target(f"streamed core_region / plain read, {temp} page cache", r["ratio"], goal))
+    result.notes.append(f"fraction {FRACTION}; kthvalue does not break ties (bf16 has many), so it may select "
+                        "more than k; 'selected' is each path's count. Peak extra memory includes the N/8-byte mask.")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 4 and sys.argv[1] == "--probe":
+        print(json.dumps(probe(sys.argv[2], torch.device(sys.argv[3]))))
+    else:
+        sys.exit("usage: python -m cpift_fast.benchmarks.bench_select --probe SIZE DEVICE "
+                 "(internal; run `cpift bench select`)")
