@@ -4,6 +4,7 @@ and one whole `cpift bench --size quick` run (within 3 minutes, every op's recor
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -172,13 +173,21 @@ def check_records(data: dict, op: str) -> None:
 @pytest.mark.slow
 def test_quick_suite_within_three_minutes(tmp_path):
     """The whole `cpift bench --size quick`, as a user runs it: at most 3 minutes on 2 cores, and
-    for every op the JSON records (checked), the Markdown table and the PNG chart."""
+    for every op the JSON records (checked), the Markdown table and the PNG chart.
+
+    The bound is on the CPU time (user + sys) of the run, not its wall time: on 2 cores of its own
+    the run's wall time is at most its CPU time (some thread of it is always running, bar a second
+    of disk reads), and on a shared machine the wall time measures the other work as well."""
+    load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "cpift_fast.cli", "bench", "--size", "quick", "--device", "cpu",
                            "--out", str(tmp_path)], capture_output=True, text=True)
-    seconds = time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert seconds <= 180, f"cpift bench --size quick took {seconds:.0f} s (limit 180 s)"
+    assert cpu <= 180, f"cpift bench --size quick used {cpu:.0f} s of CPU (limit 180 s); wall {wall:.0f} s, load {load:.1f}"
     for op in benchmarks.OPS:
         check_records(json.loads((tmp_path / f"{op}.json").read_text()), op)
         assert (tmp_path / f"{op}.md").read_text().startswith(f"# {op}\n")

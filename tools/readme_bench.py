@@ -7,8 +7,8 @@ output for ``bench/results/<op>.json`` (written by ``cpift bench``), never typed
     python tools/readme_bench.py            # rewrite the block from the records
     python tools/readme_bench.py --check    # exit 1 when the block differs from what the records give
 
-tests/test_readme_bench.py runs the check. Tables: the runs (size, date, device, versions, copy
-bandwidth), then per headline case the cpift_fast paths, the pure-PyTorch path and the outside
+tests/test_readme_bench.py runs the check. Tables: the runs (size, date, device, load average,
+versions, copy bandwidth), then per headline case the cpift_fast paths, the pure-PyTorch path and the outside
 anchors and floors (median, ratio to the case's baseline), then every target with its measured
 value, and the paths a run skipped with the reason.
 """
@@ -66,12 +66,13 @@ def render(results: list[dict]) -> str:
     """The README block (without the markers) for the loaded results."""
     if not results:
         raise ValueError("no benchmark records (run `cpift bench --size full`)")
-    lines = ["| op | size | date | device | CPU capability | threads | torch | copy bandwidth | run time |",
-             "|---|---|---|---|---|---|---|---:|---:|"]
+    lines = ["| op | size | date | device | CPU capability | threads | load (1 min) | torch | copy bandwidth | run time |",
+             "|---|---|---|---|---|---|---:|---|---:|---:|"]
     for res in results:
         m = res["meta"]
         lines.append(f"| {res['op']} | {res['size']} | {m['date']} | {m['device']} | {m['cpu_capability']} | "
-                     f"{m['cpu_threads']} | {m['versions']['torch']} | {m['copy_gbps']:.1f} GB/s | {m['wall_s']:.0f} s |")
+                     f"{m['cpu_threads']} | {m['load_average_1m']:.1f} | {m['versions']['torch']} | "
+                     f"{m['copy_gbps']:.1f} GB/s | {m['wall_s']:.0f} s |")
     lines += ["", "Per case: median time per call, and **time / the first cpift_fast path's** (below 1: faster "
               "than it). Anchors are what users run without cpift_fast; floors are memory-traffic floors for the "
               "same bytes.", "",

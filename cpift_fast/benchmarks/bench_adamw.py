@@ -18,6 +18,8 @@ Targets: masked <= 1.10x torch's fused step (every case of a dtype), reference >
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .harness import Case, Path, mix, describe_mix, run_op, target
@@ -60,17 +62,23 @@ def specs(size: str) -> list[dict]:
     return out
 
 
-def build(spec: dict, device: torch.device) -> Case:
-    from cpift_fast import MaskedAdamW
-
-    dtype = getattr(torch, spec["dtype"])
-    shapes = mix(spec["mix"], spec["n"], spec["tensors"])
+@functools.lru_cache(maxsize=1)  # the cases of one dtype and mix come one after the other
+def _params(dtype: torch.dtype, kind: str, n: int, tensors: int | None, device: torch.device):
+    """Named parameters with gradients (each case's optimizers get fresh state)."""
+    shapes = mix(kind, n, tensors)
     g = torch.Generator().manual_seed(1)
-    names = [name for name, _ in shapes]
     params = [torch.nn.Parameter((torch.randn(shape, generator=g) * 0.02).to(device=device, dtype=dtype))
               for _, shape in shapes]
     for p in params:
         p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(device=device, dtype=dtype)
+    return shapes, [name for name, _ in shapes], params
+
+
+def build(spec: dict, device: torch.device) -> Case:
+    from cpift_fast import MaskedAdamW
+
+    dtype = getattr(torch, spec["dtype"])
+    shapes, names, params = _params(dtype, spec["mix"], spec["n"], spec["tensors"], device)
     n = sum(p.numel() for p in params)
     nominal = n * (28 if dtype == torch.float32 else 14) + n / 8
 
@@ -88,7 +96,10 @@ def build(spec: dict, device: torch.device) -> Case:
 
 
 def run(size: str, device: torch.device, progress: bool = True):
-    result = run_op("adamw", specs(size), build, size, device, progress)
+    try:
+        result = run_op("adamw", specs(size), build, size, device, progress)
+    finally:
+        _params.cache_clear()
     for dtype in DTYPES:
         cases = [s["case"] for s in specs(size) if s["dtype"] == dtype]
         ours, torch_ = ([result.find(c, p) for c in cases] for p in PATHS[:2])

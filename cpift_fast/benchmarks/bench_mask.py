@@ -9,6 +9,8 @@ GB/s counts the bytes each path must move (words: 4 B per 32 elements; bool: 1 B
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .harness import Case, Path, describe_mix, mix, run_op
@@ -26,13 +28,19 @@ def specs(size: str) -> list[dict]:
          "headline": False, "paths": PATHS} for op in OPS]
 
 
-def build(spec: dict, device: torch.device) -> Case:
-    from cpift_fast import ParamMask, _ops
-
-    shapes = mix(spec["mix"], spec["n"], spec["tensors"])
+@functools.lru_cache(maxsize=1)  # the cases of one mix (pack, union, count) come one after the other
+def _bools(kind: str, n: int, tensors: int | None, device: torch.device):
+    shapes = mix(kind, n, tensors)
     g = torch.Generator().manual_seed(0)
     a_bool = {name: (torch.rand(shape, generator=g) < 0.01).to(device) for name, shape in shapes}
     b_bool = {name: (torch.rand(shape, generator=g) < 0.01).to(device) for name, shape in shapes}
+    return shapes, a_bool, b_bool
+
+
+def build(spec: dict, device: torch.device) -> Case:
+    from cpift_fast import ParamMask, _ops
+
+    shapes, a_bool, b_bool = _bools(spec["mix"], spec["n"], spec["tensors"], device)
     n = sum(v.numel() for v in a_bool.values())
     a, b = ParamMask.from_bool(a_bool), ParamMask.from_bool(b_bool)
     op = spec["op"]
@@ -54,7 +62,10 @@ def build(spec: dict, device: torch.device) -> Case:
 def run(size: str, device: torch.device, progress: bool = True):
     from cpift_fast import ParamMask
 
-    result = run_op("mask", specs(size), build, size, device, progress)
+    try:
+        result = run_op("mask", specs(size), build, size, device, progress)
+    finally:
+        _bools.cache_clear()
     n = SIZES[size]
     words = ParamMask.from_bool({"w": torch.zeros(n, dtype=torch.bool)}).words.numel() * 4
     result.notes.append(f"words for {n} elements: {words / 1e6:.1f} MB (bool: {n / 1e6:.1f} MB). GB/s: the bytes "

@@ -14,6 +14,7 @@ Each op's result is written as ``<op>.json`` (the records), ``<op>.md`` (a table
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import math
 import os
@@ -261,6 +262,7 @@ def run_op(op: str, specs: Iterable[dict], build: Callable[[dict, torch.device],
                                     {name: p.rounds for name, p in case.paths.items() if p.rounds})
         records += [record(op, case, name, stats[name], copy_gbps, stats[case.baseline]) for name in case.paths]
         del case
+        gc.collect()  # torch's optimizers sit in reference cycles: free this case's state before the next build
     meta = machine_info(device) | {"timer": timer_name(device), "size": size, "copy_gbps": copy_gbps,
                                    "rounds": budget.rounds, "min_run_time_s": budget.min_run_time,
                                    "wall_s": time.perf_counter() - start}
