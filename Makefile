@@ -31,7 +31,8 @@ test: install cuda-check
 bench: install
 	$(VENV)/bin/cpift bench --size full
 
-# On a CUDA machine: the gpu-marked tests and every benchmark, records in bench/results/ (gpu-check.md).
+# On a CUDA machine: the gpu-marked tests and every benchmark on the GPU; records in bench/results/gpu/,
+# summary in bench/results/gpu-check.md.
 gpu-check: install
 	$(PY) bench/gpu_check.py
 

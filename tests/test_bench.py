@@ -145,6 +145,12 @@ def test_cli_rejects_an_unknown_op(capsys):
     assert "unknown op 'sort'; the ops are: mask, adamw, select, overlap, fuse, importance" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU; this machine has one")
+def test_cli_refuses_cuda_without_a_gpu(capsys):
+    assert main(["bench", "mask", "--device", "cuda"]) == 2
+    assert "--device cuda: torch sees no CUDA GPU here" in capsys.readouterr().err
+
+
 def check_records(data: dict, op: str) -> None:
     """One op's JSON: the schema, every case and path of its quick specs, finite numbers, copy bandwidth."""
     assert data["schema"] == harness.SCHEMA and data["op"] == op and data["size"] == "quick"
