@@ -9,6 +9,25 @@ inputs and one callable per path). :func:`run_op` times every path of every case
 GB/s, % of the copy bandwidth measured in the same run, and the ratio to the case's baseline path.
 Each op's result is written as ``<op>.json`` (the records), ``<op>.md`` (a table) and
 ``<op>.png`` (a chart) by :func:`write_result`.
+
+``<op>.json`` (schema ``cpift-bench/1``)::
+
+    {"schema": "cpift-bench/1", "op": "adamw", "size": "quick" | "full",
+     "meta": {"date", "device", "device_type", "cpu", "cpu_capability", "cores", "cpu_threads",
+              "load_average_1m", "versions": {"cpift_fast", "torch", "triton", "numpy", "mergekit",
+              "python"}, "timer", "size", "copy_gbps", "rounds", "min_run_time_s", "wall_s"
+              (+ "cuda", "capability" on a GPU)},
+     "records": [{"op", "case", "params": {...the case's parameters, "headline": bool},
+                  "path", "role": fused | reference | anchor | floor | copy,
+                  "median_s", "q1_s", "q3_s", "min_s", "max_s", "samples",
+                  "bytes", "gbps", "pct_copy_bw", "baseline", "ratio" (median / the baseline
+                  path's median in the same case), ...path facts ("backend", "peak_extra_bytes")}],
+     "targets": [{"name", "value", "goal": ">= x" | "<= x", "met": bool}],
+     "skipped": [{"path", "reason"}], "notes": [str, ...]}
+
+The first record is the copy bandwidth (role ``copy``, ``dst.copy_(src)``, read + write bytes);
+every other record's ``pct_copy_bw`` is relative to it. An op may add keys of its own at the top
+level (select: ``stream``, facts about the streamed checkpoints).
 """
 
 from __future__ import annotations
@@ -20,6 +39,7 @@ import math
 import os
 import platform
 import statistics
+import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -206,7 +226,7 @@ def copy_record(op: str, stats: Stats, nbytes: int, copy_gbps: float) -> dict:
 
 @dataclass
 class Result:
-    """What one op's benchmark produced (see :func:`to_json` for the file format)."""
+    """What one op's benchmark produced (the file format is in the module docstring)."""
 
     op: str
     size: str
@@ -448,22 +468,22 @@ def plot_result(result: Result, path: str) -> None:
 
     records = [r for r in result.records if r["role"] != "copy"]
     cases = list(dict.fromkeys(r["case"] for r in records))
-    paths = list(dict.fromkeys(r["path"] for r in records))
-    width = 0.8 / max(1, len(paths))
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(cases) * max(1, len(paths)) * 0.45 + 3), 4.8))
-    for j, name in enumerate(paths):
-        xs, ys, lo, hi = [], [], [], []
-        for i, case in enumerate(cases):
-            r = next((r for r in records if r["case"] == case and r["path"] == name), None)
-            if r is not None:
-                xs.append(i - 0.4 + width * (j + 0.5))
-                ys.append(1e3 * r["median_s"])
-                lo.append(1e3 * (r["median_s"] - r["min_s"]))
-                hi.append(1e3 * (r["max_s"] - r["median_s"]))
-        ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=name)
+    colors = {name: f"C{k % 10}" for k, name in enumerate(dict.fromkeys(r["path"] for r in records))}
+    widest = max(sum(r["case"] == case for r in records) for case in cases)
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.4 * len(cases) * widest + 3), 4.8))
+    labelled = set()
+    for i, case in enumerate(cases):
+        mine = [r for r in records if r["case"] == case]
+        width = 0.8 / len(mine)
+        for j, r in enumerate(mine):
+            ax.bar(i - 0.4 + width * (j + 0.5), 1e3 * r["median_s"], width, color=colors[r["path"]],
+                   yerr=[[1e3 * (r["median_s"] - r["min_s"])], [1e3 * (r["max_s"] - r["median_s"])]], capsize=2,
+                   label=None if r["path"] in labelled else r["path"])
+            labelled.add(r["path"])
     ax.set_yscale("log")
     ax.set_ylabel("ms per call (median; whiskers min-max)")
-    ax.set_xticks(range(len(cases)), [c.replace(", ", "\n", 2) for c in cases], fontsize=7)
+    ax.set_xticks(range(len(cases)), ["\n".join(line for part in c.split(", ") for line in textwrap.wrap(part, 22))
+                                      for c in cases], fontsize=7)
     m = result.meta
     ax.set_title(f"{result.op} ({result.size}), {m['device']}, {m['date']}", fontsize=9)
     ax.legend(fontsize=7)
