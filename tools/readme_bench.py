@@ -57,8 +57,7 @@ def _path_cell(r: dict, with_bw: bool) -> str:
     text = f"{r['path']}: {_time(r['median_s'])}"
     if with_bw:
         text += f" (IQR {_time(r['q3_s'] - r['q1_s'])}), {_num(r['gbps'])} GB/s = {r['pct_copy_bw']:.0f} % copy"
-    if r["path"] != r["baseline"]:
-        text += f", **{r['ratio']:.2f}×**"
+    text += " (baseline)" if r["path"] == r["baseline"] else f", **{r['ratio']:.2f}×**"
     return text
 
 
@@ -73,9 +72,9 @@ def render(results: list[dict]) -> str:
         lines.append(f"| {res['op']} | {res['size']} | {m['date']} | {m['device']} | {m['cpu_capability']} | "
                      f"{m['cpu_threads']} | {m['load_average_1m']:.1f} | {m['versions']['torch']} | "
                      f"{m['copy_gbps']:.1f} GB/s | {m['wall_s']:.0f} s |")
-    lines += ["", "Per case: median time per call, and **time / the first cpift_fast path's** (below 1: faster "
-              "than it). Anchors are what users run without cpift_fast; floors are memory-traffic floors for the "
-              "same bytes.", "",
+    lines += ["", "Per case: median time per call, and **time / the baseline path's** (below 1: faster than "
+              "the baseline). Anchors are what users run without cpift_fast; floors are memory-traffic floors for "
+              "the same bytes.", "",
               "| op | case | cpift_fast | pure-PyTorch path | outside anchors and floors |", "|---|---|---|---|---|"]
     for res in results:
         for case in dict.fromkeys(r["case"] for r in res["records"] if r["role"] != "copy"):
