@@ -5,8 +5,8 @@
 - Installed into a fresh venv that holds only torch, both without build isolation (the extension is
   compiled at install: "prebuilt", portable since pip goes through a wheel) and with pip's default
   isolation (no torch at build time: compiled at first import, "jit"), cpift_fast imports and one
-  MaskedAdamW step on the C++ backend matches the pure-PyTorch step. Two processes importing at once
-  compile once.
+  MaskedAdamW step on the C++ backend matches the pure-PyTorch step, and `cpift bench mask` runs
+  (its records in ./cpift-bench). Two processes importing at once compile once.
 
 Needs the `build` package (the [dev] extra) and pip access to torch (this machine has a local file
 of the running torch's version) and to cpift_fast's dependencies. About 4-5 minutes on 2 cores.
@@ -186,6 +186,11 @@ def test_install_without_build_isolation_prebuilds(sdist, venv, tmp_path):
         assert not (tmp_path / "cache").exists(), "a prebuilt install compiled again at import"
         version = _run([venv / "bin" / "cpift", "--version"], env=_clean_env(), cwd=tmp_path).stdout.split()
         assert version == ["cpift_fast", info["version"]] and info["version"] == _extension_version()
+        # the benchmark suite ships in the package; outside a checkout its records go to ./cpift-bench
+        _run([venv / "bin" / "cpift", "bench", "mask", "--size", "quick", "--no-progress"], env=_clean_env(),
+             cwd=tmp_path)
+        record = json.loads((tmp_path / "cpift-bench" / "mask.json").read_text())
+        assert record["op"] == "mask" and record["meta"]["versions"]["cpift_fast"] == info["version"]
     finally:
         _run([py, "-m", "pip", "uninstall", "-y", "-q", "cpift_fast"], env=_clean_env())
 
