@@ -43,7 +43,8 @@ def main() -> int:
         return 2
     import triton
 
-    meta = {"device": torch.cuda.get_device_name(0), "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
+    meta = {"device": torch.cuda.get_device_name(0),
+            "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     print(json.dumps(meta, indent=1), flush=True)

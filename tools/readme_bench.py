@@ -65,8 +65,8 @@ def render(results: list[dict]) -> str:
     """The README block (without the markers) for the loaded results."""
     if not results:
         raise ValueError("no benchmark records (run `cpift bench --size full`)")
-    lines = ["| op | size | date | device | CPU capability | threads | load (1 min) | torch | copy bandwidth | run time |",
-             "|---|---|---|---|---|---|---:|---|---:|---:|"]
+    lines = ["| op | size | date | device | CPU capability | threads | load (1 min) | torch | copy bandwidth "
+             "| run time |", "|---|---|---|---|---|---|---:|---|---:|---:|"]
     for res in results:
         m = res["meta"]
         lines.append(f"| {res['op']} | {res['size']} | {m['date']} | {m['device']} | {m['cpu_capability']} | "

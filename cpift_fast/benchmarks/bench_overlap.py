@@ -10,9 +10,10 @@
   read BW      torch.sum over a buffer as large as the mask words: this machine's read bandwidth
 
 The bool paths need T·N bytes (8 GB for T = 8, N = 10^9): they are measured in a second case at
-N_bool = 10^8 (quick: 2^20 of N = 2^22), where the fused path is timed too (the ratio at N_bool is measured, not
-extrapolated). GB/s: the bytes each path must read (words: N/8 per mask, also for the pure-PyTorch
-path; bool: N per mask per pass; numpy: N/8 per mask per pass). Targets: fused >= 20x the faster bool path, >= 60 % of the read bandwidth.
+N_bool = 10^8 (quick: 2^20 of N = 2^22), where the fused path is timed too (the ratio at N_bool is
+measured, not extrapolated). GB/s: the bytes each path must read (words: N/8 per mask, also for the
+pure-PyTorch path; bool: N per mask per pass; numpy: N/8 per mask per pass). Targets: fused >= 20x
+the faster bool path, >= 60 % of the read bandwidth.
 """
 
 from __future__ import annotations
