@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ops", nargs="*", metavar="OP",
                    help="mask, adamw, select, overlap, fuse, importance (default: all, in that order)")
     p.add_argument("--size", choices=["quick", "full"], default="quick",
-                   help="quick: small sizes, the whole suite in minutes; full: the sizes of the published records")
+                   help="quick (default): small sizes, the whole suite in a few minutes; full: the large sizes "
+                        "(2*10^7 to 10^9 elements per case, minutes per op)")
     p.add_argument("--out", help="where <op>.json, .md and .png go (default: bench/results/ in a checkout, "
                    "else ./cpift-bench)")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when torch sees a GPU, else cpu")
