@@ -39,6 +39,9 @@ _E_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.uint8:
 # elements per program (4 warps: 8 per thread; 1024), the interpreter runs this one too; equal to the
 # fused AdamW + EMA kernel's (ROWS, QBLOCK) tile, so both use one block table
 GPU_BLOCK = ROWS * QBLOCK
+# warps of the fused AdamW + EMA kernel: 8 (4 elements per thread); with 4, ptxas spills 8 bytes on
+# sm_90 in one specialization (bf16 params, fp32 moments, bf16 EMA state)
+FUSED_WARPS = 8
 SUM_BLOCK = 1024  # partial sums per iteration of the per-tensor reduction
 
 
@@ -346,7 +349,7 @@ def _launch(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, frozen, steps
                 int(lerp_from_m), lerp_coeff, beta2, 1.0 - beta2, eps, ema_beta, 1.0 - ema_beta, ema_signal,
                 P_DTYPE=p_dtype, S_DTYPE=s_dtype, E_DTYPE=_E_DTYPE[ema_state[index[0]].dtype], AMSGRAD=amsgrad,
                 HAS_MASK=bool(words), P_ALIGN=p_align, S_ALIGN=s_align, E_ALIGN=_align(e_data), ROWS=ROWS,
-                QBLOCK=QBLOCK, **FP_OPTIONS)
+                QBLOCK=QBLOCK, num_warps=FUSED_WARPS, **FP_OPTIONS)
 
 
 def masked_grad_sq_norm(grads: list[torch.Tensor], frozen: list[torch.Tensor]) -> torch.Tensor:
@@ -407,7 +410,7 @@ def aot_specs():
                                               "AMSGRAD": amsgrad, "HAS_MASK": has_mask,
                                               "P_ALIGN": p_vec if aligned else 1, "S_ALIGN": s_vec if aligned else 1,
                                               "E_ALIGN": 128 // e_dtype.primitive_bitwidth if aligned else 1,
-                                              "ROWS": ROWS, "QBLOCK": QBLOCK})
+                                              "ROWS": ROWS, "QBLOCK": QBLOCK}, num_warps=FUSED_WARPS)
         for has_mask in (False, True):
             for aligned in (True, False):
                 yield KernelSpec(_masked_sq_sum_kernel, {"blk_tensor_ptr": "*i32", "blk_start_ptr": "*i64",
