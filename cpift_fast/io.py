@@ -22,6 +22,9 @@ for small or misaligned ones; a dropped tensor's pages leave the process at once
 pass over any checkpoint size stays at the tensors it holds);
 iterating yields ``(name, tensor)`` pairs in ``names`` order, so a consumer that drops each tensor
 before the next holds one at a time. Tensors from modules are returned detached (no copy).
+``load(name)`` is ``get`` with the data resident: a mapped tensor's pages are read in (from the disk
+if need be) before it returns, so a reader thread can do the I/O ahead of the kernels
+(cpift_fast.readahead); for in-memory sources it is ``get``.
 Every header is checked when the source opens (``CheckpointError`` naming the file, and the
 tensor where one is at fault: truncated files, bad JSON, offsets that do not cover the data, a
 broken shard index).
@@ -42,12 +45,15 @@ outgrows the reservation is handled by rewriting that one shard through a stream
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import mmap
 import os
 import re
 import shutil
 import struct
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
@@ -76,11 +82,12 @@ class TensorSource:
     """Named tensors with headers known up front and data fetched one tensor at a time."""
 
     def __init__(self, names, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
-                 fetch, description: str, close=None):
+                 fetch, description: str, close=None, load=None):
         self.names: tuple[str, ...] = tuple(names)
         self._shapes = dict(shapes)
         self._dtypes = dict(dtypes)
         self._fetch = fetch
+        self._load = load or fetch
         self._close = close
         self.description = description
 
@@ -96,8 +103,15 @@ class TensorSource:
             n *= d
         return n
 
+    def nbytes(self, name: str) -> int:
+        return self.numel(name) * _itemsize(self.dtype(name))
+
     def get(self, name: str) -> torch.Tensor:
         return self._fetch(self._check(name))
+
+    def load(self, name: str) -> torch.Tensor:
+        """`get` with the data resident in memory (read from the file now, not at first access)."""
+        return self._load(self._check(name))
 
     def _check(self, name: str) -> str:
         if name not in self._shapes:
@@ -252,8 +266,9 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    def read(self, name: str) -> torch.Tensor:
-        """A fresh tensor holding `name`'s bytes."""
+    def read(self, name: str, resident: bool = False) -> torch.Tensor:
+        """A fresh tensor holding `name`'s bytes; with `resident`, a mapped tensor's pages are read in
+        before it returns (the disk I/O happens here, with the GIL released, not in a later kernel)."""
         dtype, shape, a, b = self.entries[name]
         t = torch.empty(shape, dtype=dtype)
         if b == a:
@@ -271,6 +286,8 @@ class SafetensorsFile:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # frombuffer: the map is writable (copy on write)
                 raw = torch.frombuffer(mapped, dtype=torch.uint8, count=b - a, offset=at - page)
+            if resident:
+                self._populate(name, raw, at, page)
             return raw.view(dtype).view(shape)
         view = memoryview(t.view(-1).view(torch.uint8).numpy())
         pos, total = 0, b - a
@@ -283,6 +300,33 @@ class SafetensorsFile:
         except OSError as exc:
             raise self._bad(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
         return t
+
+    def _populate(self, name: str, raw: torch.Tensor, at: int, page: int) -> None:
+        """Read in every page of the map behind `raw` (file bytes at `at`.., the map starting at file
+        offset `page`): madvise(MADV_POPULATE_READ) where the kernel has it (Linux >= 5.14), else one
+        touch per page. Both run without the GIL."""
+        global _POPULATE
+        start, length, end = raw.data_ptr() - (at - page), at + raw.numel() - page, at + raw.numel()
+        try:
+            os.posix_fadvise(self._fd, at, raw.numel(), os.POSIX_FADV_WILLNEED)  # queue all the reads at once
+        except (AttributeError, OSError):
+            pass  # only a hint
+        while _POPULATE is not None:
+            if _POPULATE(start, length, _MADV_POPULATE_READ) == 0:
+                return
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            if err in (errno.EINVAL, errno.ENOSYS):  # kernel without MADV_POPULATE_READ
+                _POPULATE = None
+                break
+            if err == errno.EFAULT:
+                raise self._bad(f"tensor {name!r}: its bytes are no longer in the file (the file shrank while read)")
+            raise self._bad(f"cannot read tensor {name!r}: {os.strerror(err)}")
+        if os.fstat(self._fd).st_size < end:  # a touch past the end of the file would be SIGBUS
+            raise self._bad(f"tensor {name!r}: its bytes are no longer in the file (the file shrank while read)")
+        raw[::mmap.PAGESIZE].sum()
+        raw[-1:].sum()
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
@@ -301,6 +345,25 @@ class SafetensorsFile:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+_MADV_POPULATE_READ = 22  # linux/mman.h, Linux >= 5.14
+
+
+def _libc_madvise():
+    """libc's madvise through ctypes (which releases the GIL during the call), or None off Linux."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+_POPULATE = _libc_madvise()  # set to None at the first EINVAL (a kernel without MADV_POPULATE_READ)
 
 
 def _safetensors_files(files: list[str], description: str) -> TensorSource:
@@ -325,7 +388,8 @@ def _safetensors_files(files: list[str], description: str) -> TensorSource:
         for f in opened.values():
             f.close()
 
-    return TensorSource(names, shapes, dtypes, lambda name: opened[where[name]].read(name), description, close=close)
+    return TensorSource(names, shapes, dtypes, lambda name: opened[where[name]].read(name), description, close=close,
+                        load=lambda name: opened[where[name]].read(name, resident=True))
 
 
 def _directory(path: str) -> TensorSource:
