@@ -283,6 +283,8 @@ class SafetensorsFile:
                 mapped = mmap.mmap(self._fd, at + (b - a) - page, offset=page, access=mmap.ACCESS_COPY)
             except OSError as exc:
                 raise self._bad(f"cannot map tensor {name!r}: {exc.strerror or exc}") from None
+            except ValueError:  # mmap: "length is greater than file size"
+                raise self._bad(_SHRANK.format(name=name)) from None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # frombuffer: the map is writable (copy on write)
                 raw = torch.frombuffer(mapped, dtype=torch.uint8, count=b - a, offset=at - page)
@@ -321,10 +323,10 @@ class SafetensorsFile:
                 _POPULATE = None
                 break
             if err == errno.EFAULT:
-                raise self._bad(f"tensor {name!r}: its bytes are no longer in the file (the file shrank while read)")
+                raise self._bad(_SHRANK.format(name=name))
             raise self._bad(f"cannot read tensor {name!r}: {os.strerror(err)}")
         if os.fstat(self._fd).st_size < end:  # a touch past the end of the file would be SIGBUS
-            raise self._bad(f"tensor {name!r}: its bytes are no longer in the file (the file shrank while read)")
+            raise self._bad(_SHRANK.format(name=name))
         raw[::mmap.PAGESIZE].sum()
         raw[-1:].sum()
 
@@ -348,6 +350,7 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 _MADV_POPULATE_READ = 22  # linux/mman.h, Linux >= 5.14
+_SHRANK = "tensor {name!r}: its bytes are no longer in the file (the file shrank after it was opened)"
 
 
 def _libc_madvise():
