@@ -36,8 +36,10 @@ tasks' values, rounded to the backbone dtype; no longer a copy of any one task).
 Streaming. Every input is read one tensor name at a time (backbone, base, each task), so memory
 holds the tensors of a few names, not models. Inputs read from files are read in on a reader
 thread (cpift_fast.readahead) while the kernels fuse the current name, at most ``readahead`` bytes
-ahead (default 32 MiB; 0: read in the caller's thread); with ``out`` each fused tensor is written
-to the shards as soon as it is computed.
+ahead; with ``out``, fused tensors go to the shards on a writer thread (write-behind: the shard
+writes and their fsyncs overlap the next tensors' fusion), at most ``readahead`` bytes queued.
+Default 32 MiB each; 0: both done in the caller's thread. Peak memory: the current name's tensors
+plus at most twice the budget (or one larger name's tensors on either side).
 
 ``t`` may be a number, a list of anchors interpolated linearly over the layer index (mergekit's
 "gradient": anchor positions are evenly spaced over layers 0 .. L−1; tensors outside numbered
@@ -62,7 +64,7 @@ import torch
 from . import ops
 from .io import ShardedWriter, TensorSource, honour_umask, open_tensors
 from .mask import ParamMask
-from .readahead import DEFAULT_BUDGET, ReadAhead, check_budget
+from .readahead import DEFAULT_BUDGET, ReadAhead, WriteBehind, check_budget
 
 OVERLAP_RULES = {"last": 0, "first": 1, "mean": 2}
 SPACES = ("weights", "task_vector")
@@ -277,8 +279,8 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
     ``tasks``: {name: model} (order = fold order and "last"/"first" order) or a list;
     ``cores``: {task name: ParamMask or .mask path} with the same names (None: no transplant).
     ``space``: "weights" or "task_vector" (default: "task_vector" when ``base`` is given).
-    ``readahead``: bytes of input tensors read ahead of the kernels (int or '64MB'; 0: no reader
-    thread; see the module doc).
+    ``readahead``: bytes of input tensors read ahead of the kernels, and of fused tensors queued
+    for writing (int or '64MB'; 0: no reader or writer thread; see the module doc).
 
     Returns ``(state_dict, stats)``, or with ``out=DIR`` ``(DIR, stats)`` after streaming the result
     to sharded safetensors + index in DIR (atomically; config/tokenizer files of a backbone
@@ -323,30 +325,37 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
     inputs = _Inputs(bb, srcs, base_src if task_vector else None)
     streamed = any(src.is_streamed for src in [bb, *srcs.values(), *([base_src] if base_src is not None else [])])
     bar = tqdm(total=sum(bb.numel(n) for n in names), unit="el", unit_scale=True, desc="fuse", disable=not progress)
-    ahead = None
+    ahead = behind = None
     try:
         if writer is not None:
             writer.__enter__()
+            behind = WriteBehind(writer.add, lambda t: t.numel() * t.element_size(), readahead,
+                                 describe=lambda n: f"fused tensor {n!r} to {writer.path}")
         ahead = ReadAhead(names, inputs.load, inputs.nbytes, readahead if streamed else 0, describe=inputs.describe)
         for name, (a, base_t, models) in ahead:
             fused, entry = _fuse_tensor(name, a, base_t, models, srcs, core_masks, layout, schedule(name), task_vector,
                                         rule, dot_threshold, eps, stats)
             stats["tensors"][name] = entry
-            if writer is not None:
-                writer.add(name, fused)
+            if behind is not None:
+                behind.put(name, fused)
             else:
                 result[name] = fused
             bar.update(bb.numel(name))
         if writer is not None:
+            behind.finish()
             writer.__exit__(None, None, None)
             writer = None
     except BaseException as exc:
+        if behind is not None:
+            behind.close()  # the writer thread ends before the writer removes its temporary directory
         if writer is not None:
             writer.__exit__(type(exc), exc, exc.__traceback__)
         raise
     finally:
         if ahead is not None:
             ahead.close()
+        if behind is not None:
+            behind.close()
         bar.close()
         for s in [bb, *srcs.values(), *([base_src] if base_src is not None else [])]:
             s.close()

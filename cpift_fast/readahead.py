@@ -1,7 +1,8 @@
-"""Read-ahead: a reader thread fetches the next items while the caller processes the current one.
+"""Read-ahead and write-behind: a thread does the I/O of the next (or previous) items while the
+caller computes on the current one, within a byte budget.
 
-Contract
---------
+Read-ahead
+----------
 ``ReadAhead(keys, fetch, nbytes, budget)`` yields ``(key, fetch(key))`` for every key, in the order
 of ``keys``. One reader thread calls ``fetch`` for the keys in that order, ahead of the caller,
 while the bytes read ahead stay within ``budget``:
@@ -15,7 +16,7 @@ while the bytes read ahead stay within ``budget``:
 
 ``budget=0`` starts no thread: ``fetch`` runs in the caller's thread when the item is asked for
 (the plain loop). Threads help because the work is done outside the GIL: file reads, page
-faults, ``madvise`` through ctypes, and torch's kernels all release it.
+faults, and torch's kernels all release it.
 
 Errors: an exception raised by ``fetch(key)`` reaches the caller when it asks for that item (the
 items before it are delivered first), as the same exception with a note naming the item
@@ -26,6 +27,17 @@ stops the reader: the fetch in progress finishes (a read cannot be interrupted),
 ahead is dropped, and the thread has ended when ``close()`` returns. A ReadAhead that is dropped
 without being closed is closed when it is garbage-collected (the reader thread holds no
 reference to it).
+
+Write-behind
+------------
+``WriteBehind(write, nbytes, budget)``: ``put(key, value)`` queues an item and returns; one writer
+thread calls ``write(key, value)`` for the items in the order they were put. ``put`` waits while
+the bytes queued or being written (``nbytes(value)`` each) would exceed ``budget`` with the new
+item (an item bigger than the budget waits until nothing is queued, then goes alone). ``finish()``
+waits until every item is written and ends the thread; it, and any later ``put``, raise the first
+exception of ``write`` (with a note naming the item); after an error nothing more is written.
+``close()`` (also on leaving the ``with`` block) ends the thread without writing what is still
+queued: the abort path. ``budget=0``: ``put`` writes in the caller's thread.
 """
 
 from __future__ import annotations
@@ -162,4 +174,124 @@ class ReadAhead:
 
     def __del__(self):
         if getattr(self, "_state", None) is not None:
+            self.close()
+
+
+class _Queue:
+    """What the writer thread and the caller share (the thread never sees the WriteBehind itself)."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.items: deque = deque()  # (key, value, nbytes)
+        self.pending = 0              # bytes queued or being written
+        self.error: BaseException | None = None
+        self.done = False             # no more puts: write what is queued, then end
+        self.aborted = False          # end now, drop what is queued
+
+
+def _writer(queue: _Queue, write: Callable, describe: Callable) -> None:
+    while True:
+        with queue.cond:
+            while not queue.items and not (queue.done or queue.aborted):
+                queue.cond.wait()
+            if queue.aborted or not queue.items:
+                return
+            key, value, size = queue.items[0]
+        try:
+            write(key, value)
+        except BaseException as exc:  # handed to the caller, which raises it
+            exc.add_note(f"while writing {describe(key)} behind on a writer thread")
+            with queue.cond:
+                queue.error = exc
+                queue.items.clear()
+                queue.pending = 0
+                queue.cond.notify_all()
+            return
+        del value
+        with queue.cond:
+            if queue.aborted:
+                return
+            queue.items.popleft()
+            queue.pending -= size
+            queue.cond.notify_all()
+
+
+class WriteBehind:
+    """Write items on a writer thread, in the order put, with at most `budget` bytes queued.
+
+    >>> with WriteBehind(writer.add, lambda t: t.numel() * t.element_size(), 32 << 20) as behind:
+    ...     for name in names:
+    ...         behind.put(name, compute(name))
+    ...     behind.finish()
+    """
+
+    def __init__(self, write: Callable[[Any, Any], None], nbytes: Callable[[Any], int], budget: int = DEFAULT_BUDGET,
+                 describe: Callable[[Any], str] = repr):
+        self.budget = check_budget(budget)
+        self._write, self._nbytes, self._describe = write, nbytes, describe
+        self._queue = _Queue()
+        self._thread: threading.Thread | None = None
+        if self.budget:
+            self._thread = threading.Thread(target=_writer, args=(self._queue, write, describe),
+                                            name="cpift-writebehind", daemon=True)
+            self._thread.start()
+
+    def put(self, key: Any, value: Any) -> None:
+        """Queue `value` for writing (waits while the budget is full); raises an earlier write's error."""
+        queue = self._queue
+        if queue.error is not None:
+            raise queue.error
+        if queue.done or queue.aborted:
+            raise RuntimeError("WriteBehind.put after finish() or close()")
+        if self._thread is None:
+            try:
+                self._write(key, value)
+            except Exception as exc:
+                exc.add_note(f"while writing {self._describe(key)}")
+                raise
+            return
+        size = self._nbytes(value)
+        with queue.cond:
+            while queue.error is None and queue.pending and queue.pending + size > self.budget:
+                queue.cond.wait()
+            if queue.error is not None:
+                raise queue.error
+            queue.items.append((key, value, size))
+            queue.pending += size
+            queue.cond.notify_all()
+
+    def finish(self) -> None:
+        """Wait until everything put is written and end the thread; raise the first write error."""
+        queue = self._queue
+        with queue.cond:
+            queue.done = True
+            queue.cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        if queue.error is not None:
+            raise queue.error
+
+    @property
+    def writer_alive(self) -> bool:
+        """True while the writer thread runs (for tests and diagnostics)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def close(self) -> None:
+        """End the writer thread without writing what is still queued (the write in progress finishes)."""
+        queue = self._queue
+        with queue.cond:
+            queue.aborted = True
+            queue.items.clear()
+            queue.cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_queue", None) is not None:
             self.close()

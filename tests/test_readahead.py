@@ -14,11 +14,11 @@ import torch
 from cpift_fast import ParamMask, core_region, fuse_models, io, open_tensors, save_sharded
 from cpift_fast import readahead as ra
 from cpift_fast.io import CheckpointError
-from cpift_fast.readahead import ReadAhead
+from cpift_fast.readahead import ReadAhead, WriteBehind
 
 
 def readers() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "cpift-readahead"]
+    return [t for t in threading.enumerate() if t.name in ("cpift-readahead", "cpift-writebehind")]
 
 
 @pytest.fixture(autouse=True)
@@ -164,19 +164,109 @@ def test_check_budget():
         fuse_models({"a": torch.ones(3)}, {"t": {"a": torch.zeros(3)}}, None, readahead="x", progress=False)
 
 
+# ---- write-behind ----------------------------------------------------------------------------------
+
+class Sink:
+    """write/nbytes for a WriteBehind, recording what the writer did."""
+
+    def __init__(self, delay: float = 0.0, fail: object = None):
+        self.delay, self.fail = delay, fail
+        self.written: list = []
+        self.started = -1  # index of the last item whose write began
+        self.threads: set = set()
+
+    def write(self, key, value) -> None:
+        self.started = key
+        self.threads.add(threading.current_thread().name)
+        if self.delay:
+            time.sleep(self.delay)
+        if key == self.fail:
+            raise OSError(f"no space left writing {key}")
+        self.written.append((key, value))
+
+
+def test_write_behind_order_budget_and_overlap():
+    """Items are written in the order put; put waits while the bytes queued would pass the budget
+    (lower bound, free of races: items after the one being written are surely queued); the caller
+    gets ahead of the writer."""
+    sizes = [10, 20, 5, 5, 30, 100, 10, 10, 25, 1, 1, 1, 40, 8, 8]
+    sink = Sink(delay=0.01)
+    budget = 40
+    queued_after_put = []
+    with WriteBehind(sink.write, lambda v: v[1], budget) as behind:
+        for i, size in enumerate(sizes):
+            behind.put(i, ("value", size))
+            queued_after_put.append((i, sum(sizes[sink.started + 1:i + 1]), i - sink.started))
+        behind.finish()
+        assert not behind.writer_alive
+    assert sink.written == [(i, ("value", s)) for i, s in enumerate(sizes)]
+    assert sink.threads == {"cpift-writebehind"}
+    assert all(queued <= budget for i, queued, _ in queued_after_put if sizes[i] <= budget), queued_after_put
+    assert max(depth for *_, depth in queued_after_put) >= 2, "the caller never got ahead of the writer"
+
+
+def test_write_behind_budget_zero_writes_in_the_caller():
+    sink = Sink()
+    behind = WriteBehind(sink.write, lambda v: 1, 0)
+    behind.put("a", 1)
+    assert sink.written == [("a", 1)] and sink.threads == {threading.current_thread().name}
+    behind.finish()
+
+
+def test_write_behind_error_reaches_the_caller():
+    sink = Sink(fail=2)
+    with pytest.raises(OSError, match="no space left writing 2") as info:
+        with WriteBehind(sink.write, lambda v: 1, 100, describe=lambda k: f"fused tensor {k!r} to OUT") as behind:
+            for i in range(6):
+                behind.put(i, i)
+            behind.finish()
+    assert any("fused tensor 2 to OUT" in note and "writer thread" in note for note in info.value.__notes__)
+    assert [k for k, _ in sink.written] == [0, 1], "nothing is written after an error"
+
+
+def test_write_behind_close_drops_the_queue():
+    sink = Sink(delay=0.02)
+    behind = WriteBehind(sink.write, lambda v: 1, 100)
+    for i in range(20):
+        behind.put(i, i)
+    behind.close()
+    assert not behind.writer_alive
+    assert len(sink.written) < 20
+    with pytest.raises(RuntimeError, match="after finish"):
+        behind.put(99, 99)
+
+
+def test_fusion_write_error_cleans_up(tmp_path, monkeypatch):
+    """A write failing on the writer thread: fuse_models raises it, naming the tensor; no output
+    directory, no temporary directory, no thread left."""
+    tensors = {f"layers.{i}.w": torch.randn(5000) for i in range(6)}
+    save_sharded(tensors, tmp_path / "bb")
+    save_sharded({n: t + 0.1 for n, t in tensors.items()}, tmp_path / "task")
+    real = io.ShardedWriter.add
+
+    def add(self, name, tensor):
+        if name == "layers.3.w":
+            raise OSError(28, "No space left on device")
+        real(self, name, tensor)
+
+    monkeypatch.setattr(io.ShardedWriter, "add", add)
+    with pytest.raises(OSError, match="No space left") as info:
+        fuse_models(tmp_path / "bb", {"t": tmp_path / "task"}, None, out=tmp_path / "out", progress=False)
+    assert any("layers.3.w" in note for note in info.value.__notes__)
+    assert sorted(os.listdir(tmp_path)) == ["bb", "task"]
+
+
 # ---- files: load() reads a tensor's pages in ----------------------------------------------------
 
-def test_load_equals_get_and_populates(tmp_path, monkeypatch):
+def test_load_equals_get(tmp_path):
     tensors = {"big": torch.randn(100_000), "bf": torch.randn(70_000).to(torch.bfloat16), "small": torch.arange(7),
-               "empty": torch.zeros(0, 2)}
+               "empty": torch.zeros(0, 2), "odd": torch.randn(4097 * 5).to(torch.float16)}
     save_sharded(tensors, tmp_path / "c")
-    for populate in (io._POPULATE, None):  # madvise(MADV_POPULATE_READ), and the one-touch-per-page fallback
-        monkeypatch.setattr(io, "_POPULATE", populate)
-        with open_tensors(tmp_path / "c") as src:
-            for name, t in tensors.items():
-                loaded = src.load(name)
-                assert loaded.dtype == t.dtype and torch.equal(loaded, t), name
-                assert torch.equal(src.get(name), t)
+    with open_tensors(tmp_path / "c") as src:
+        for name, t in tensors.items():
+            loaded = src.load(name)
+            assert loaded.dtype == t.dtype and torch.equal(loaded, t), name
+            assert torch.equal(src.get(name), t)
 
 
 def _shrinkable(tmp_path):
@@ -202,14 +292,9 @@ def test_file_shrunk_before_the_read_is_named(tmp_path):
     assert any("layers.1.w" in note and "reader thread" in note for note in info.value.__notes__)
 
 
-@pytest.mark.parametrize("populate", ["madvise", "touch"])
-def test_file_shrunk_while_mapped_is_named_not_sigbus(tmp_path, monkeypatch, populate):
-    """Truncated between mapping a tensor and reading its pages in: MADV_POPULATE_READ fails with
-    EFAULT, the touch fallback checks the size first; either way a CheckpointError, never SIGBUS."""
-    if populate == "touch":
-        monkeypatch.setattr(io, "_POPULATE", None)
-    elif io._POPULATE is None:
-        pytest.skip("no MADV_POPULATE_READ here")
+def test_file_shrunk_while_mapped_is_named_not_sigbus(tmp_path, monkeypatch):
+    """Truncated between mapping a tensor and reading its pages in: the size is checked before the
+    pages are touched, so a CheckpointError, not SIGBUS."""
     src_b, src_t, shard, _ = _shrinkable(tmp_path)
     cut = os.path.getsize(shard) - 4 * 160_000 + 1000  # inside layers.0.w, the first tensor
     real_mmap = io.mmap.mmap
