@@ -34,12 +34,13 @@ latest stage when tasks are listed in stage order), ``"first"``, or ``"mean"`` (
 tasks' values, rounded to the backbone dtype; no longer a copy of any one task).
 
 Streaming. Every input is read one tensor name at a time (backbone, base, each task), so memory
-holds the tensors of a few names, not models. Inputs read from files are read in on a reader
-thread (cpift_fast.readahead) while the kernels fuse the current name, at most ``readahead`` bytes
-ahead; with ``out``, fused tensors go to the shards on a writer thread (write-behind: the shard
-writes and their fsyncs overlap the next tensors' fusion), at most ``readahead`` bytes queued.
-Default 32 MiB each; 0: both done in the caller's thread. Peak memory: the current name's tensors
-plus at most twice the budget (or one larger name's tensors on either side).
+holds the tensors of a few names, not models. A reader thread (cpift_fast.readahead) fetches the
+inputs of the next names while the kernels fuse the current one (maps them and starts their disk
+reads), at most ``readahead`` bytes ahead; with ``out``, fused tensors go to the shards on a writer
+thread (write-behind: the shard writes and their fsyncs overlap the next names' fusion), at most
+``readahead`` bytes queued. Default 32 MiB each; 0: no threads, everything in the caller's thread.
+Peak memory: the current name's tensors plus at most twice the budget (or, on either side, one
+name's tensors larger than it).
 
 ``t`` may be a number, a list of anchors interpolated linearly over the layer index (mergekit's
 "gradient": anchor positions are evenly spaced over layers 0 .. L−1; tensors outside numbered
@@ -331,7 +332,7 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
             writer.__enter__()
             behind = WriteBehind(writer.add, lambda t: t.numel() * t.element_size(), readahead,
                                  describe=lambda n: f"fused tensor {n!r} to {writer.path}")
-        ahead = ReadAhead(names, inputs.load, inputs.nbytes, readahead if streamed else 0, describe=inputs.describe)
+        ahead = ReadAhead(names, inputs.prefetch, inputs.nbytes, readahead if streamed else 0, describe=inputs.describe)
         for name, (a, base_t, models) in ahead:
             fused, entry = _fuse_tensor(name, a, base_t, models, srcs, core_masks, layout, schedule(name), task_vector,
                                         rule, dot_threshold, eps, stats)
@@ -413,13 +414,13 @@ class _Inputs:
             return [self.bb]
         return [self.bb, *([self.base] if self.base is not None else []), *self.srcs.values()]
 
-    def load(self, name: str):
-        """The inputs of `name`, read in (TensorSource.load: a file's bytes are in memory on return)."""
-        a = self.bb.load(name)
+    def prefetch(self, name: str):
+        """The inputs of `name`, their file reads started (TensorSource.prefetch)."""
+        a = self.bb.prefetch(name)
         if not a.is_floating_point():
             return a, None, []
-        base = self.base.load(name) if self.base is not None else None
-        return a, base, [src.load(name) for src in self.srcs.values()]
+        base = self.base.prefetch(name) if self.base is not None else None
+        return a, base, [src.prefetch(name) for src in self.srcs.values()]
 
     def nbytes(self, name: str) -> int:
         return sum(src.nbytes(name) for src in self._sources(name))

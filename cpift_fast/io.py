@@ -22,9 +22,11 @@ for small or misaligned ones; a dropped tensor's pages leave the process at once
 pass over any checkpoint size stays at the tensors it holds);
 iterating yields ``(name, tensor)`` pairs in ``names`` order, so a consumer that drops each tensor
 before the next holds one at a time. Tensors from modules are returned detached (no copy).
-``load(name)`` is ``get`` with the data resident: a mapped tensor's pages are read in (from the disk
-if need be) before it returns, so a reader thread can do the I/O ahead of the kernels
-(cpift_fast.readahead); for in-memory sources it is ``get``.
+``prefetch(name)`` is ``get`` that also starts the reads of a mapped tensor's bytes
+(``POSIX_FADV_WILLNEED``: the kernel reads them into the page cache in the background), so that a
+reader thread running ahead of the kernels (cpift_fast.readahead) has the disk busy with the next
+tensors while the current ones are processed; for small (``pread``) and in-memory tensors it is
+``get``.
 Every header is checked when the source opens (``CheckpointError`` naming the file, and the
 tensor where one is at fault: truncated files, bad JSON, offsets that do not cover the data, a
 broken shard index).
@@ -79,12 +81,12 @@ class TensorSource:
     """Named tensors with headers known up front and data fetched one tensor at a time."""
 
     def __init__(self, names, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
-                 fetch, description: str, close=None, load=None):
+                 fetch, description: str, close=None, prefetch=None):
         self.names: tuple[str, ...] = tuple(names)
         self._shapes = dict(shapes)
         self._dtypes = dict(dtypes)
         self._fetch = fetch
-        self._load = load or fetch
+        self._prefetch = prefetch or fetch
         self._close = close
         self.description = description
 
@@ -106,9 +108,9 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         return self._fetch(self._check(name))
 
-    def load(self, name: str) -> torch.Tensor:
-        """`get` with the data resident in memory (read from the file now, not at first access)."""
-        return self._load(self._check(name))
+    def prefetch(self, name: str) -> torch.Tensor:
+        """`get`, with the reads of a mapped tensor's bytes started in the background (see the module doc)."""
+        return self._prefetch(self._check(name))
 
     def _check(self, name: str) -> str:
         if name not in self._shapes:
@@ -263,9 +265,9 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    def read(self, name: str, resident: bool = False) -> torch.Tensor:
-        """A fresh tensor holding `name`'s bytes; with `resident`, a mapped tensor's pages are read in
-        before it returns (the disk I/O happens here, with the GIL released, not in a later kernel)."""
+    def read(self, name: str, willneed: bool = False) -> torch.Tensor:
+        """A fresh tensor holding `name`'s bytes; with `willneed`, the kernel is asked to read a mapped
+        tensor's bytes into the page cache now, in the background (POSIX_FADV_WILLNEED)."""
         dtype, shape, a, b = self.entries[name]
         t = torch.empty(shape, dtype=dtype)
         if b == a:
@@ -285,8 +287,11 @@ class SafetensorsFile:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # frombuffer: the map is writable (copy on write)
                 raw = torch.frombuffer(mapped, dtype=torch.uint8, count=b - a, offset=at - page)
-            if resident:
-                self._read_in(name, raw, at)
+            if willneed:
+                try:
+                    os.posix_fadvise(self._fd, at, b - a, os.POSIX_FADV_WILLNEED)
+                except (AttributeError, OSError):
+                    pass  # only a hint
             return raw.view(dtype).view(shape)
         view = memoryview(t.view(-1).view(torch.uint8).numpy())
         pos, total = 0, b - a
@@ -299,22 +304,6 @@ class SafetensorsFile:
         except OSError as exc:
             raise self._bad(f"cannot read tensor {name!r}: {exc.strerror or exc}") from None
         return t
-
-    def _read_in(self, name: str, raw: torch.Tensor, at: int) -> None:
-        """Read in every page of the map behind `raw` (file bytes at `at`..): queue the reads of the
-        whole range (POSIX_FADV_WILLNEED), then touch one byte per page (a torch op: no GIL held).
-
-        Touching, not madvise(MADV_POPULATE_READ): measured here (Linux 6.18 guest), pages populated
-        that way still cost the kernel's first pass over them ~2x (the first access of each page
-        pays again), pages touched do not."""
-        try:
-            os.posix_fadvise(self._fd, at, raw.numel(), os.POSIX_FADV_WILLNEED)
-        except (AttributeError, OSError):
-            pass  # only a hint
-        if os.fstat(self._fd).st_size < at + raw.numel():  # a touch past the end of the file would be SIGBUS
-            raise self._bad(_SHRANK.format(name=name))
-        raw[::mmap.PAGESIZE].sum()
-        raw[-1:].sum()
 
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
@@ -361,7 +350,7 @@ def _safetensors_files(files: list[str], description: str) -> TensorSource:
             f.close()
 
     return TensorSource(names, shapes, dtypes, lambda name: opened[where[name]].read(name), description, close=close,
-                        load=lambda name: opened[where[name]].read(name, resident=True))
+                        prefetch=lambda name: opened[where[name]].read(name, willneed=True))
 
 
 def _directory(path: str) -> TensorSource:

@@ -15,8 +15,8 @@ while the bytes read ahead stay within ``budget``:
   count: peak memory = the caller's working set + ``budget`` (or + one item, if one is larger).
 
 ``budget=0`` starts no thread: ``fetch`` runs in the caller's thread when the item is asked for
-(the plain loop). Threads help because the work is done outside the GIL: file reads, page
-faults, and torch's kernels all release it.
+(the plain loop). A thread helps because the work is done outside the GIL: file reads and
+writes, ``posix_fadvise``, page faults and torch's kernels all release it.
 
 Errors: an exception raised by ``fetch(key)`` reaches the caller when it asks for that item (the
 items before it are delivered first), as the same exception with a note naming the item

@@ -38,12 +38,13 @@ match form one group, "other").
 
 Streaming: checkpoint files are read one tensor pair at a time, per pass (the page cache serves
 passes 2 and 3 when it can hold the checkpoints), through private maps of each tensor's bytes
-(cpift_fast.io). A reader thread reads the next pairs in (disk I/O and page faults, outside the
-GIL) while the kernels work on the current one, within the byte budget ``readahead``
-(cpift_fast.readahead: bytes read ahead, not yet handed to the kernels; default 32 MiB; 0 reads in
-the caller's thread as the kernels ask). Peak memory: the pair being processed, the read-ahead
-budget, the N/8-byte mask and the histograms. A shape/name mismatch is found from the headers
-before any data is read.
+(cpift_fast.io). A reader thread runs ahead of the kernels (cpift_fast.readahead): it maps the next
+pairs and starts their disk reads (POSIX_FADV_WILLNEED), and converts dtypes the kernels lack to
+fp32, while the kernels work on the current pair; at most ``readahead`` bytes of pairs are fetched
+and not yet handed to the kernels (default 32 MiB; 0: no thread, pairs are read as the kernels
+touch them). Peak memory: the pair being processed, the pages of the pairs fetched ahead, the
+N/8-byte mask and the histograms. A shape/name mismatch is found from the headers before any data
+is read.
 
 Distributed: with ``group=process_group`` every rank passes its local shards (same names on every
 rank; a name's global flat order is rank 0's shard, then rank 1's, ...); histograms and tie counts
@@ -191,10 +192,11 @@ class _Pairs:
         self.readahead = readahead if (base.is_streamed or tuned.is_streamed) else 0
         self._cached: tuple[str, torch.Tensor, torch.Tensor] | None = None
 
-    def _read(self, name: str, resident: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pair on the CPU (or where the sources hold it) in a kernel dtype; `resident`: read in now."""
-        if resident:
-            a, b = self.base.load(name), self.tuned.load(name)
+    def _read(self, name: str, ahead: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair on the CPU (or where the sources hold it) in a kernel dtype; `ahead`: start the
+        reads of mapped bytes now (TensorSource.prefetch)."""
+        if ahead:
+            a, b = self.base.prefetch(name), self.tuned.prefetch(name)
         else:
             a, b = self.base.get(name), self.tuned.get(name)
         if a.dtype not in _FAST_DTYPES:
@@ -221,12 +223,12 @@ class _Pairs:
 
     def stream(self, names: list[str], keep: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """(name, base, tuned) for `names` in order, as get(name, keep) gives them; pairs from files
-        are read in ahead on a reader thread (cpift_fast.readahead), at most `readahead` bytes ahead."""
+        are fetched ahead on a reader thread (cpift_fast.readahead), at most `readahead` bytes ahead."""
         if not self.readahead or len(names) < 2:
             for name in names:
                 yield name, *self.get(name, keep)
             return
-        with ReadAhead(names, lambda n: self._read(n, resident=True), self.nbytes, self.readahead,
+        with ReadAhead(names, lambda n: self._read(n, ahead=True), self.nbytes, self.readahead,
                        describe=self.describe) as ahead:
             for name, (a, b) in ahead:
                 yield name, a.to(self.device), b.to(self.device)

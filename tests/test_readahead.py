@@ -258,57 +258,42 @@ def test_fusion_write_error_cleans_up(tmp_path, monkeypatch):
 
 # ---- files: load() reads a tensor's pages in ----------------------------------------------------
 
-def test_load_equals_get(tmp_path):
+def test_prefetch_equals_get_and_starts_the_reads(tmp_path, monkeypatch):
     tensors = {"big": torch.randn(100_000), "bf": torch.randn(70_000).to(torch.bfloat16), "small": torch.arange(7),
                "empty": torch.zeros(0, 2), "odd": torch.randn(4097 * 5).to(torch.float16)}
     save_sharded(tensors, tmp_path / "c")
+    advised = []
+    real = os.posix_fadvise
+
+    def record(fd, offset, length, advice):
+        advised.append((length, advice))
+        return real(fd, offset, length, advice)
+
+    monkeypatch.setattr(io.os, "posix_fadvise", record)
     with open_tensors(tmp_path / "c") as src:
         for name, t in tensors.items():
-            loaded = src.load(name)
-            assert loaded.dtype == t.dtype and torch.equal(loaded, t), name
+            fetched = src.prefetch(name)
+            assert fetched.dtype == t.dtype and torch.equal(fetched, t), name
             assert torch.equal(src.get(name), t)
-
-
-def _shrinkable(tmp_path):
-    base = {f"layers.{i}.w": torch.randn(40_000) for i in range(4)}
-    tuned = {n: t + 0.01 * torch.randn_like(t) for n, t in base.items()}
-    save_sharded(base, tmp_path / "base")
-    save_sharded(tuned, tmp_path / "tuned")
-    shard = tmp_path / "tuned" / "model-00001-of-00001.safetensors"
-    return open_tensors(tmp_path / "base"), open_tensors(tmp_path / "tuned"), shard, os.path.getsize(shard) - 3 * 160_000
-
-
-def _named(tensor: str) -> str:
-    return rf"tuned/model-00001-of-00001\.safetensors: tensor '{tensor}': its bytes are no longer in the file"
+    big = [n for n, t in tensors.items() if t.numel() * t.element_size() >= 1 << 16]  # the mapped ones
+    assert sorted(advised) == sorted((tensors[n].numel() * tensors[n].element_size(), os.POSIX_FADV_WILLNEED)
+                                     for n in big)
 
 
 def test_file_shrunk_before_the_read_is_named(tmp_path):
     """A shard truncated after its header was checked: the error names the file and the tensor, and
     reaches the caller of core_region although the read ran on the reader thread."""
-    src_b, src_t, shard, size = _shrinkable(tmp_path)
-    os.truncate(shard, size)  # layers.1 .. layers.3 lose their bytes
-    with pytest.raises(CheckpointError, match=_named(r"layers\.1\.w")) as info:
+    base = {f"layers.{i}.w": torch.randn(40_000) for i in range(4)}
+    tuned = {n: t + 0.01 * torch.randn_like(t) for n, t in base.items()}
+    save_sharded(base, tmp_path / "base")
+    save_sharded(tuned, tmp_path / "tuned")
+    shard = tmp_path / "tuned" / "model-00001-of-00001.safetensors"
+    src_b, src_t = open_tensors(tmp_path / "base"), open_tensors(tmp_path / "tuned")
+    os.truncate(shard, os.path.getsize(shard) - 3 * 160_000)  # layers.1 .. layers.3 lose their bytes
+    with pytest.raises(CheckpointError, match=r"tuned/model-00001-of-00001\.safetensors: tensor 'layers\.1\.w': "
+                                              r"its bytes are no longer in the file") as info:
         core_region(src_b, src_t, 0.1, progress=False)
     assert any("layers.1.w" in note and "reader thread" in note for note in info.value.__notes__)
-
-
-def test_file_shrunk_while_mapped_is_named_not_sigbus(tmp_path, monkeypatch):
-    """Truncated between mapping a tensor and reading its pages in: the size is checked before the
-    pages are touched, so a CheckpointError, not SIGBUS."""
-    src_b, src_t, shard, _ = _shrinkable(tmp_path)
-    cut = os.path.getsize(shard) - 4 * 160_000 + 1000  # inside layers.0.w, the first tensor
-    real_mmap = io.mmap.mmap
-
-    def map_then_shrink(fd, *args, **kwargs):
-        mapped = real_mmap(fd, *args, **kwargs)
-        if os.path.samefile(f"/proc/self/fd/{fd}", shard) and os.path.getsize(shard) > cut:
-            os.truncate(shard, cut)  # a concurrent writer, right after the map was made
-        return mapped
-
-    monkeypatch.setattr(io.mmap, "mmap", map_then_shrink)
-    with pytest.raises(CheckpointError, match=_named(r"layers\.0\.w")):
-        core_region(src_b, src_t, 0.1, progress=False)
-    assert os.path.getsize(shard) == cut
 
 
 # ---- selection and fusion: same bits at every budget, read-ahead really used ---------------------
