@@ -50,9 +50,11 @@ from typing import Any
 from .io import parse_size
 
 DEFAULT_BUDGET = 32 << 20
-"""Default read-ahead budget in bytes (32 MiB): enough to keep a disk or the page cache one large
-tensor pair ahead of the kernels, small next to the model (a streamed selection over 2 × 2 GB
-checkpoints peaks far below the 512 MB that issue 15 sets)."""
+"""Default budget in bytes (32 MiB): keeps the disk one or more tensor pairs ahead of the kernels
+(a bigger item still goes alone, so double-buffering never stops), small next to a model. For
+checkpoint files the items fetched ahead are maps whose reads have been started: their pages sit in
+the page cache and join the process's memory only when the kernels touch them, so the budget adds
+little to the RSS (only fp32 conversions of other dtypes are copies)."""
 
 
 def check_budget(budget: Any, what: str = "readahead") -> int:
