@@ -33,6 +33,15 @@ cores is decided by ``overlap_rule``: ``"last"`` (the last such task in the give
 latest stage when tasks are listed in stage order), ``"first"``, or ``"mean"`` (fp32 mean of the
 tasks' values, rounded to the backbone dtype; no longer a copy of any one task).
 
+Streaming. Every input is read one tensor name at a time (backbone, base, each task), so memory
+holds the tensors of a few names, not models. A reader thread (cpift_fast.readahead) fetches the
+inputs of the next names while the kernels fuse the current one (maps them and starts their disk
+reads), at most ``readahead`` bytes ahead; with ``out``, fused tensors go to the shards on a writer
+thread (write-behind: the shard writes and their fsyncs overlap the next names' fusion), at most
+``readahead`` bytes queued. Default 32 MiB each; 0: no threads, everything in the caller's thread.
+Peak memory: the current name's tensors plus at most twice the budget (or, on either side, one
+name's tensors larger than it).
+
 ``t`` may be a number, a list of anchors interpolated linearly over the layer index (mergekit's
 "gradient": anchor positions are evenly spaced over layers 0 .. L−1; tensors outside numbered
 layers take the first anchor if their name marks an input embedding — ``embed``, ``wte``, ``wpe``
@@ -56,6 +65,7 @@ import torch
 from . import ops
 from .io import ShardedWriter, TensorSource, honour_umask, open_tensors
 from .mask import ParamMask
+from .readahead import DEFAULT_BUDGET, ReadAhead, WriteBehind, check_budget
 
 OVERLAP_RULES = {"last": 0, "first": 1, "mean": 2}
 SPACES = ("weights", "task_vector")
@@ -261,7 +271,8 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
                 cores: Mapping[str, Any] | Sequence[Any] | None,
                 *, t: Any = 0.5, base: Any = None, overlap_rule: str = "last", out: str | os.PathLike | None = None,
                 space: str | None = None, dot_threshold: float = 0.9995, eps: float = 1e-8,
-                max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True):
+                max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
+                readahead: int | str = DEFAULT_BUDGET):
     """Fuse task models into a backbone: core transplant + SLERP of everything else.
 
     ``backbone``, each task and ``base`` may be an nn.Module, a {name: tensor} dict, a
@@ -269,6 +280,8 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
     ``tasks``: {name: model} (order = fold order and "last"/"first" order) or a list;
     ``cores``: {task name: ParamMask or .mask path} with the same names (None: no transplant).
     ``space``: "weights" or "task_vector" (default: "task_vector" when ``base`` is given).
+    ``readahead``: bytes of input tensors read ahead of the kernels, and of fused tensors queued
+    for writing (int or '64MB'; 0: no reader or writer thread; see the module doc).
 
     Returns ``(state_dict, stats)``, or with ``out=DIR`` ``(DIR, stats)`` after streaming the result
     to sharded safetensors + index in DIR (atomically; config/tokenizer files of a backbone
@@ -279,6 +292,7 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
         raise ValueError(f"overlap_rule must be one of {', '.join(OVERLAP_RULES)}, got {overlap_rule!r}")
     rule = OVERLAP_RULES[overlap_rule]
     task_vector = _resolve_space(space, base)
+    readahead = check_budget(readahead, "fuse_models: readahead")
     task_models = _named(tasks, "tasks")
     if not task_models:
         raise ValueError("fuse_models needs at least one task model")
@@ -309,27 +323,40 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
 
     from tqdm.auto import tqdm
 
+    inputs = _Inputs(bb, srcs, base_src if task_vector else None)
+    streamed = any(src.is_streamed for src in [bb, *srcs.values(), *([base_src] if base_src is not None else [])])
     bar = tqdm(total=sum(bb.numel(n) for n in names), unit="el", unit_scale=True, desc="fuse", disable=not progress)
+    ahead = behind = None
     try:
         if writer is not None:
             writer.__enter__()
-        for name in names:
-            fused, entry = _fuse_tensor(name, bb, srcs, base_src, core_masks, layout, schedule(name), task_vector,
+            behind = WriteBehind(writer.add, lambda t: t.numel() * t.element_size(), readahead,
+                                 describe=lambda n: f"fused tensor {n!r} to {writer.path}")
+        ahead = ReadAhead(names, inputs.prefetch, inputs.nbytes, readahead if streamed else 0, describe=inputs.describe)
+        for name, (a, base_t, models) in ahead:
+            fused, entry = _fuse_tensor(name, a, base_t, models, srcs, core_masks, layout, schedule(name), task_vector,
                                         rule, dot_threshold, eps, stats)
             stats["tensors"][name] = entry
-            if writer is not None:
-                writer.add(name, fused)
+            if behind is not None:
+                behind.put(name, fused)
             else:
                 result[name] = fused
             bar.update(bb.numel(name))
         if writer is not None:
+            behind.finish()
             writer.__exit__(None, None, None)
             writer = None
     except BaseException as exc:
+        if behind is not None:
+            behind.close()  # the writer thread ends before the writer removes its temporary directory
         if writer is not None:
             writer.__exit__(type(exc), exc, exc.__traceback__)
         raise
     finally:
+        if ahead is not None:
+            ahead.close()
+        if behind is not None:
+            behind.close()
         bar.close()
         for s in [bb, *srcs.values(), *([base_src] if base_src is not None else [])]:
             s.close()
@@ -375,16 +402,40 @@ def _check_sources(bb: TensorSource, srcs: dict[str, TensorSource], base: Tensor
                                  f"{list(bb.shape(name))}")
 
 
-def _fuse_tensor(name, bb, srcs, base_src, core_masks, layout, t, task_vector, rule, dot_threshold, eps, stats):
-    a = bb.get(name)
+class _Inputs:
+    """The input tensors of one name: (backbone, base or None, [task tensors]); for a non-float
+    backbone tensor only the backbone's (it is copied)."""
+
+    def __init__(self, bb: TensorSource, srcs: dict[str, TensorSource], base: TensorSource | None):
+        self.bb, self.srcs, self.base = bb, srcs, base
+
+    def _sources(self, name: str) -> list[TensorSource]:
+        if not self.bb.dtype(name).is_floating_point:
+            return [self.bb]
+        return [self.bb, *([self.base] if self.base is not None else []), *self.srcs.values()]
+
+    def prefetch(self, name: str):
+        """The inputs of `name`, their file reads started (TensorSource.prefetch)."""
+        a = self.bb.prefetch(name)
+        if not a.is_floating_point():
+            return a, None, []
+        base = self.base.prefetch(name) if self.base is not None else None
+        return a, base, [src.prefetch(name) for src in self.srcs.values()]
+
+    def nbytes(self, name: str) -> int:
+        return sum(src.nbytes(name) for src in self._sources(name))
+
+    def describe(self, name: str) -> str:
+        return f"tensor {name!r} of " + ", ".join(src.description for src in self._sources(name))
+
+
+def _fuse_tensor(name, a, base, models, srcs, core_masks, layout, t, task_vector, rule, dot_threshold, eps, stats):
     entry: dict[str, Any] = {"t": t, "numel": a.numel()}
     stats["elements"] += a.numel()
     if not a.is_floating_point():
         entry["mode"] = "copy_non_float"
         stats["modes"]["copy_non_float"] = stats["modes"].get("copy_non_float", 0) + 1
         return a.clone(), entry
-    base = base_src.get(name) if (base_src is not None and task_vector) else None
-    models = [src.get(name) for src in srcs.values()]
     fold_modes = []
     m = models[0]
     for i in range(1, len(models)):

@@ -22,6 +22,11 @@ for small or misaligned ones; a dropped tensor's pages leave the process at once
 pass over any checkpoint size stays at the tensors it holds);
 iterating yields ``(name, tensor)`` pairs in ``names`` order, so a consumer that drops each tensor
 before the next holds one at a time. Tensors from modules are returned detached (no copy).
+``prefetch(name)`` is ``get`` that also starts the reads of a mapped tensor's bytes
+(``POSIX_FADV_WILLNEED``: the kernel reads them into the page cache in the background), so that a
+reader thread running ahead of the kernels (cpift_fast.readahead) has the disk busy with the next
+tensors while the current ones are processed; for small (``pread``) and in-memory tensors it is
+``get``.
 Every header is checked when the source opens (``CheckpointError`` naming the file, and the
 tensor where one is at fault: truncated files, bad JSON, offsets that do not cover the data, a
 broken shard index).
@@ -76,11 +81,12 @@ class TensorSource:
     """Named tensors with headers known up front and data fetched one tensor at a time."""
 
     def __init__(self, names, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, torch.dtype],
-                 fetch, description: str, close=None):
+                 fetch, description: str, close=None, prefetch=None):
         self.names: tuple[str, ...] = tuple(names)
         self._shapes = dict(shapes)
         self._dtypes = dict(dtypes)
         self._fetch = fetch
+        self._prefetch = prefetch or fetch
         self._close = close
         self.description = description
 
@@ -96,8 +102,15 @@ class TensorSource:
             n *= d
         return n
 
+    def nbytes(self, name: str) -> int:
+        return self.numel(name) * _itemsize(self.dtype(name))
+
     def get(self, name: str) -> torch.Tensor:
         return self._fetch(self._check(name))
+
+    def prefetch(self, name: str) -> torch.Tensor:
+        """`get`, with the reads of a mapped tensor's bytes started in the background (see the module doc)."""
+        return self._prefetch(self._check(name))
 
     def _check(self, name: str) -> str:
         if name not in self._shapes:
@@ -252,8 +265,9 @@ class SafetensorsFile:
     def names(self) -> list[str]:
         return list(self.entries)
 
-    def read(self, name: str) -> torch.Tensor:
-        """A fresh tensor holding `name`'s bytes."""
+    def read(self, name: str, willneed: bool = False) -> torch.Tensor:
+        """A fresh tensor holding `name`'s bytes; with `willneed`, the kernel is asked to read a mapped
+        tensor's bytes into the page cache now, in the background (POSIX_FADV_WILLNEED)."""
         dtype, shape, a, b = self.entries[name]
         t = torch.empty(shape, dtype=dtype)
         if b == a:
@@ -268,9 +282,16 @@ class SafetensorsFile:
                 mapped = mmap.mmap(self._fd, at + (b - a) - page, offset=page, access=mmap.ACCESS_COPY)
             except OSError as exc:
                 raise self._bad(f"cannot map tensor {name!r}: {exc.strerror or exc}") from None
+            except ValueError:  # mmap: "length is greater than file size"
+                raise self._bad(_SHRANK.format(name=name)) from None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # frombuffer: the map is writable (copy on write)
                 raw = torch.frombuffer(mapped, dtype=torch.uint8, count=b - a, offset=at - page)
+            if willneed:
+                try:
+                    os.posix_fadvise(self._fd, at, b - a, os.POSIX_FADV_WILLNEED)
+                except (AttributeError, OSError):
+                    pass  # only a hint
             return raw.view(dtype).view(shape)
         view = memoryview(t.view(-1).view(torch.uint8).numpy())
         pos, total = 0, b - a
@@ -303,6 +324,9 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+_SHRANK = "tensor {name!r}: its bytes are no longer in the file (the file shrank after it was opened)"
+
+
 def _safetensors_files(files: list[str], description: str) -> TensorSource:
     opened: dict[str, SafetensorsFile] = {}
     where: dict[str, str] = {}
@@ -325,7 +349,8 @@ def _safetensors_files(files: list[str], description: str) -> TensorSource:
         for f in opened.values():
             f.close()
 
-    return TensorSource(names, shapes, dtypes, lambda name: opened[where[name]].read(name), description, close=close)
+    return TensorSource(names, shapes, dtypes, lambda name: opened[where[name]].read(name), description, close=close,
+                        prefetch=lambda name: opened[where[name]].read(name, willneed=True))
 
 
 def _directory(path: str) -> TensorSource:

@@ -36,9 +36,15 @@ Scope: "global" ranks over all tensors; "per_tensor" takes the top fraction of e
 "per_layer" groups tensors by the first capture group of `layer_pattern` (tensors that do not
 match form one group, "other").
 
-Streaming: checkpoint files are read through safetensors mmap one tensor pair at a time, per
-pass (the page cache serves passes 2 and 3 when it can hold the checkpoints). A shape/name
-mismatch is found from the headers before any data is read.
+Streaming: checkpoint files are read one tensor pair at a time, per pass (the page cache serves
+passes 2 and 3 when it can hold the checkpoints), through private maps of each tensor's bytes
+(cpift_fast.io). A reader thread runs ahead of the kernels (cpift_fast.readahead): it maps the next
+pairs and starts their disk reads (POSIX_FADV_WILLNEED), and converts dtypes the kernels lack to
+fp32, while the kernels work on the current pair; at most ``readahead`` bytes of pairs are fetched
+and not yet handed to the kernels (default 32 MiB; 0: no thread, pairs are read as the kernels
+touch them). Peak memory: the pair being processed, the pages of the pairs fetched ahead, the
+N/8-byte mask and the histograms. A shape/name mismatch is found from the headers before any data
+is read.
 
 Distributed: with ``group=process_group`` every rank passes its local shards (same names on every
 rank; a name's global flat order is rank 0's shard, then rank 1's, ...); histograms and tie counts
@@ -51,6 +57,7 @@ import logging
 import re
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -61,6 +68,7 @@ import torch
 from . import ops
 from .io import TensorSource, open_tensors
 from .mask import MaskLayout, ParamMask
+from .readahead import DEFAULT_BUDGET, ReadAhead, check_budget
 
 log = logging.getLogger(__name__)
 
@@ -176,23 +184,57 @@ def _groups(names: tuple[str, ...], scope: str, layer_pattern: str) -> list[tupl
 
 
 class _Pairs:
-    """Fetches (base, tuned) pairs as fp32/fp16/bf16 tensors on `device`; caches one pair."""
+    """Fetches (base, tuned) pairs as fp32/fp16/bf16 tensors on `device`; caches one pair; streams
+    runs of pairs, read ahead within `readahead` bytes when a side is read from files."""
 
-    def __init__(self, base: TensorSource, tuned: TensorSource, device: torch.device):
+    def __init__(self, base: TensorSource, tuned: TensorSource, device: torch.device, readahead: int):
         self.base, self.tuned, self.device = base, tuned, device
+        self.readahead = readahead if (base.is_streamed or tuned.is_streamed) else 0
         self._cached: tuple[str, torch.Tensor, torch.Tensor] | None = None
+
+    def _read(self, name: str, ahead: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair on the CPU (or where the sources hold it) in a kernel dtype; `ahead`: start the
+        reads of mapped bytes now (TensorSource.prefetch)."""
+        if ahead:
+            a, b = self.base.prefetch(name), self.tuned.prefetch(name)
+        else:
+            a, b = self.base.get(name), self.tuned.get(name)
+        if a.dtype not in _FAST_DTYPES:
+            a, b = a.to(torch.float32), b.to(torch.float32)
+        return a, b
+
+    def nbytes(self, name: str) -> int:
+        """Bytes _read(name) brings in: both tensors, plus their fp32 copies when converted."""
+        extra = 0 if self.base.dtype(name) in _FAST_DTYPES else 2 * 4 * self.base.numel(name)
+        return self.base.nbytes(name) + self.tuned.nbytes(name) + extra
 
     def get(self, name: str, keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if self._cached is not None and self._cached[0] == name:
             return self._cached[1], self._cached[2]
         self._cached = None
-        a, b = self.base.get(name), self.tuned.get(name)
-        if a.dtype not in _FAST_DTYPES:
-            a, b = a.to(torch.float32), b.to(torch.float32)
+        a, b = self._read(name)
+        return self.hold(name, a, b) if keep else (a.to(self.device), b.to(self.device))
+
+    def hold(self, name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep this pair (on `device`) for the next get(name)."""
         a, b = a.to(self.device), b.to(self.device)
-        if keep:
-            self._cached = (name, a, b)
+        self._cached = (name, a, b)
         return a, b
+
+    def stream(self, names: list[str], keep: bool = False) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """(name, base, tuned) for `names` in order, as get(name, keep) gives them; pairs from files
+        are fetched ahead on a reader thread (cpift_fast.readahead), at most `readahead` bytes ahead."""
+        if not self.readahead or len(names) < 2:
+            for name in names:
+                yield name, *self.get(name, keep)
+            return
+        with ReadAhead(names, lambda n: self._read(n, ahead=True), self.nbytes, self.readahead,
+                       describe=self.describe) as ahead:
+            for name, (a, b) in ahead:
+                yield name, a.to(self.device), b.to(self.device)
+
+    def describe(self, name: str) -> str:
+        return f"tensor {name!r} of base ({self.base.description}) and tuned ({self.tuned.description})"
 
 
 def _store(words: torch.Tensor, offset: int, w: torch.Tensor) -> None:
@@ -224,15 +266,16 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
 
 def core_region(base: Any, tuned: Any, fraction: float = 0.01, *, mode: str = "exact", scope: str = "global",
                 layer_pattern: str = DEFAULT_LAYER_PATTERN, group=None, progress: bool = True,
-                device: torch.device | str | None = None) -> CoreMask:
+                device: torch.device | str | None = None, readahead: int | str = DEFAULT_BUDGET) -> CoreMask:
     """The elements with the largest |tuned − base|: exactly round_half_up(fraction · N) of them.
 
     base, tuned: an nn.Module, a {name: tensor} dict, (name, tensor) pairs, a .safetensors file or a
     checkpoint directory (streamed). mode: "exact" | "approx". scope: "global" | "per_tensor" |
     "per_layer". group: a torch.distributed process group whose ranks hold shards (see module doc).
     progress: a tqdm bar over tensors. device: where the kernels run (default: base's first tensor's
-    device; checkpoints: CPU). Returns a CoreMask (a ParamMask with `.info`); see the module doc for
-    the full contract.
+    device; checkpoints: CPU). readahead: bytes of checkpoint data read ahead of the kernels (int or
+    '64MB'; 0: no reader thread). Returns a CoreMask (a ParamMask with `.info`); see the module doc
+    for the full contract.
     """
     start = time.perf_counter()
     if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= float(fraction) <= 1.0:
@@ -241,6 +284,7 @@ def core_region(base: Any, tuned: Any, fraction: float = 0.01, *, mode: str = "e
         raise ValueError(f"core_region: mode must be 'exact' or 'approx', got {mode!r}")
     if scope not in ("global", "per_tensor", "per_layer"):
         raise ValueError(f"core_region: scope must be 'global', 'per_tensor' or 'per_layer', got {scope!r}")
+    readahead = check_budget(readahead, "core_region: readahead")
     src_b, src_t = open_tensors(base, "base"), open_tensors(tuned, "tuned")
     try:
         tuned_leads = isinstance(tuned, torch.nn.Module) and not isinstance(base, torch.nn.Module)
@@ -251,7 +295,7 @@ def core_region(base: Any, tuned: Any, fraction: float = 0.01, *, mode: str = "e
             device = src_b.get(names[0]).device if in_memory else torch.device("cpu")
         device = torch.device(device)
         words = torch.zeros(layout.num_words, dtype=torch.int32, device=device)
-        pairs = _Pairs(src_b, src_t, device)
+        pairs = _Pairs(src_b, src_t, device, readahead)
         passes = 3 if mode == "exact" else 2
         from tqdm.auto import tqdm
 
@@ -259,9 +303,16 @@ def core_region(base: Any, tuned: Any, fraction: float = 0.01, *, mode: str = "e
         groups = []
         members_of = _groups(names, scope, layer_pattern)
         try:
-            for gname, members in members_of:
-                groups.append(_select_group(gname, [names[i] for i in members], [layout.offsets[i] for i in members],
-                                            pairs, words, fraction, mode, group, bar))
+            if scope == "per_tensor":  # one pair per group, held across its passes: read the next ones ahead
+                for (gname, (i,)), (name, a, b) in zip(members_of, pairs.stream(list(names))):
+                    pairs.hold(name, a, b)
+                    groups.append(_select_group(gname, [name], [layout.offsets[i]], pairs, words, fraction, mode,
+                                                group, bar))
+            else:
+                for gname, members in members_of:
+                    groups.append(_select_group(gname, [names[i] for i in members],
+                                                [layout.offsets[i] for i in members], pairs, words, fraction, mode,
+                                                group, bar))
         finally:
             bar.close()
     finally:
@@ -297,8 +348,7 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
     hist = np.zeros(ops.SELECT_BINS[0], dtype=np.int64)
     bad: tuple[str, int] | None = None
     top_bin = []  # highest nonempty level-0 bin of each tensor: tensors below the threshold are skipped later
-    for name in names:
-        a, b = pairs.get(name, keep=single)
+    for name, a, b in pairs.stream(names, keep=single):
         h = ops.select_histogram(a, b, 0, 0).cpu().numpy()
         nonfinite = int(h[_NONFINITE_BIN:].sum())
         if nonfinite and bad is None:
@@ -333,11 +383,11 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
         else:
             bar.set_description("core region: refine")
             hist1 = np.zeros(ops.SELECT_BINS[1], dtype=np.int64)
-            for name, top in zip(names, top_bin):
-                if top >= b0:
-                    a, b = pairs.get(name, keep=single)
-                    hist1 += ops.select_histogram(a, b, 1, b0).cpu().numpy()
+            reach = [name for name, top in zip(names, top_bin) if top >= b0]
+            for _, a, b in pairs.stream(reach, keep=single):
+                hist1 += ops.select_histogram(a, b, 1, b0).cpu().numpy()
                 bar.update(1)
+            bar.update(len(names) - len(reach))
             hist1 = _all_reduce(torch.from_numpy(hist1), group)
             refined = True
             b1, above1 = _boundary(hist1, k - above)
@@ -349,18 +399,18 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
     bar.set_description("core region: mask")
     if threshold is not None:
         distributed_ties = group is not None and budget != _ALL
-        counts = []
+        offset_of = dict(zip(names, offsets))
+        ties = dict.fromkeys(names, 0)
         left = budget
-        for name, off, top in zip(names, offsets, top_bin):
-            n_eq = 0
-            if top >= threshold >> 16:  # else: no key reaches the threshold, the words stay zero
-                a, b = pairs.get(name, keep=single)
-                w, n_eq = ops.select_mask(a, b, threshold, 0 if distributed_ties else left)
-                n_eq = int(n_eq)
-                _store(words, off, w)
-            counts.append(n_eq)
-            left -= min(left, n_eq)
+        reach = [name for name, top in zip(names, top_bin) if top >= threshold >> 16]  # else the words stay zero
+        for name, a, b in pairs.stream(reach, keep=single):
+            w, n_eq = ops.select_mask(a, b, threshold, 0 if distributed_ties else left)
+            ties[name] = int(n_eq)
+            _store(words, offset_of[name], w)
+            left -= min(left, ties[name])
             bar.update(1)
+        bar.update(len(names) - len(reach))
+        counts = [ties[name] for name in names]
         if distributed_ties:
             _distribute_ties(names, offsets, pairs, words, threshold, budget, counts, group)
     else:
