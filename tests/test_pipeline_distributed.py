@@ -1,0 +1,209 @@
+"""The pipeline under a 2-process launch (issue 13), gloo on CPU: `torchrun --nproc_per_node 2
+$(which cpift) run CFG` with DDP, `accelerate launch --multi_gpu --num_processes 2 $(which cpift)
+run CFG` with FSDP2 (both launchers only set the process environment; the strategy comes from the
+config). Every stage — checkpoints, core masks, groups, fused tensors, evaluation results, loss
+curves — is bit-identical to the 1-process run with the same two micro-batches per step (train.py:
+both add the same two micro-batch gradients), frozen elements are checked on every rank, and the
+run directory holds what one process would have written.
+
+Plus the pieces that need no second process: the step / micro-batch plan, the config checks.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from cpift_fast.pipeline.config import ConfigError, load_config
+from cpift_fast.pipeline.data import RankBatches, micro_batches, shuffled_batches
+from cpift_fast.pipeline.driver import run_pipeline
+from cpift_fast.pipeline.run import MANIFEST
+
+from helpers import stage_digests
+from test_pipeline import TINY
+
+# TINY with EPI added (DDP only: EPI's importance state is per full tensor), one pair for Table 2
+DIST = copy.deepcopy(TINY)
+DIST.update(name="dist", methods=TINY["methods"] + ["epi"],
+            epi={"ratio": 0.05, "interval": 2, "warmup": 2})
+HALF = TINY["train"]["batch_size"] // 2  # the 1-process reference: two micro-batches per step, as two ranks
+
+
+def _cpift() -> str:
+    """The `cpift` console script of this environment (what `$(which cpift)` names)."""
+    path = os.path.join(os.path.dirname(sys.executable), "cpift")
+    if not os.path.exists(path):
+        pytest.skip(f"no cpift console script next to {sys.executable} (install the package: make install)")
+    return path
+
+
+LAUNCHERS = {  # two processes on this machine
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(launcher: str, cfg: dict, runs: str, tmp_path) -> subprocess.CompletedProcess:
+    path = tmp_path / f"{cfg['name']}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, OMP_NUM_THREADS="1", CPIFT_BACKEND="cpp")
+    env.pop("TRITON_INTERPRET", None)
+    port = [str(_free_port())] if launcher == "accelerate" else []
+    cmd = LAUNCHERS[launcher] + port + [_cpift(), "run", str(path), "--runs-dir", runs, "--no-progress"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The 1-process run, two micro-batches per step (micro_batch_size = batch_size / 2)."""
+    runs = str(tmp_path_factory.mktemp("one"))
+    cfg = copy.deepcopy(DIST)
+    cfg["train"]["micro_batch_size"] = HALF
+    old = os.environ.get("CPIFT_BACKEND")
+    os.environ["CPIFT_BACKEND"] = "cpp"  # the backend the 2-process runs use
+    try:
+        run_pipeline(load_config(cfg), runs_dir=runs)
+    finally:
+        os.environ.pop("CPIFT_BACKEND") if old is None else os.environ.__setitem__("CPIFT_BACKEND", old)
+    return os.path.join(runs, "dist")
+
+
+def _manifests(root: str) -> dict[str, dict]:
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if MANIFEST in files:
+            with open(os.path.join(dirpath, MANIFEST)) as f:
+                out[os.path.relpath(dirpath, root)] = json.load(f)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, launcher", [("ddp", "torchrun"), ("fsdp", "accelerate")])
+def test_two_processes_equal_one_bit_for_bit(reference, tmp_path, strategy, launcher):
+    cfg = copy.deepcopy(DIST)
+    cfg["distributed"] = strategy
+    if strategy == "fsdp":
+        cfg["methods"] = TINY["methods"]  # EPI needs ddp
+    runs = str(tmp_path / "runs")
+    proc = _launch(launcher, cfg, runs, tmp_path)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    root = os.path.join(runs, "dist")
+
+    got, want = stage_digests(root), stage_digests(reference)
+    assert got, "the 2-process run finished no stage"
+    assert set(got) <= set(want) and (strategy == "fsdp" or set(got) == set(want)), set(got) ^ set(want)
+    assert {k: got[k] for k in sorted(got)} == {k: want[k] for k in sorted(got)}
+    assert any(k.endswith("/core") for k in got) and any(k.endswith("/cpift/fuse") for k in got)
+
+    trained = {k: m["info"] for k, m in _manifests(root).items() if "frozen_checked_per_rank" in m["info"]}
+    assert len(trained) > 10
+    for key, info in trained.items():
+        assert info["processes"] == 2 and info["distributed"] == strategy, key
+        per_rank = info["frozen_checked_per_rank"]
+        if strategy == "ddp":  # every rank checked its whole replica
+            assert per_rank == [info["frozen_checked"]] * 2, key
+        else:  # each rank checked its shards, together every frozen element
+            assert sum(per_rank) == info["frozen_checked"] and (info["frozen_checked"] == 0 or min(per_rank) > 0), key
+    assert sum(info["frozen_checked"] for info in trained.values()) > 0
+
+    with open(os.path.join(root, "base", "config.json")) as f:
+        assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
+    assert os.path.exists(os.path.join(root, "report.md"))
+    leftovers = [os.path.join(d, n) for d, dirs, _ in os.walk(root) for n in dirs if n.startswith((".tmp-", ".old-"))]
+    assert not leftovers
+
+
+# ----- the step plan and the config checks (one process) ------------------------------------------
+
+def test_micro_batches_share_every_example_once():
+    batch = list(range(10))
+    for parts in (1, 2, 3, 4):
+        pieces = micro_batches(batch, parts)
+        assert [i for p in pieces for i, counted in p if counted] == batch
+        assert max(map(len, pieces)) - min(map(len, pieces)) <= 1
+    short = micro_batches([7], 2)  # a batch shorter than the parts: an uncounted stand-in, no gradient
+    assert short == [[(7, True)], [(7, False)]]
+
+
+def test_rank_batches_split_each_step_over_the_processes():
+    batches = shuffled_batches(20, 8, steps=4, seed=3)
+    assert [len(b) for b in batches] == [8, 8, 4, 8]  # epoch 0: 8 + 8 + 4, then epoch 1
+    assert sorted(i for b in batches[:3] for i in b) == list(range(20))
+    one = list(RankBatches(batches, parts=4))
+    two = [list(RankBatches(batches, parts=4, rank=r, world=2)) for r in range(2)]
+    assert len(one) == 16 and [len(t) for t in two] == [8, 8]
+    for step in range(4):  # rank 0 takes the first two micro-batches of a step, rank 1 the last two
+        assert one[4 * step:4 * step + 4] == two[0][2 * step:2 * step + 2] + two[1][2 * step:2 * step + 2]
+    with pytest.raises(ValueError, match="cannot be shared by 3 processes"):
+        RankBatches(batches, parts=4, rank=0, world=3)
+
+
+def test_one_process_default_order_is_the_trainers(tmp_path):
+    """With one micro-batch per step the batches are those the Trainer's own seeded sampler draws,
+    so 1-process results do not depend on the planner."""
+    from transformers import Trainer, TrainingArguments
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return i
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, seed=5, data_seed=5,
+                             use_cpu=True, report_to=[], remove_unused_columns=False)
+    trainer = Trainer(model=torch.nn.Linear(1, 1), args=args, train_dataset=Items(), data_collator=list)
+    loader = trainer.get_train_dataloader()
+    drawn = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        drawn += [list(b) for b in loader]
+    assert drawn == shuffled_batches(20, 8, steps=6, seed=5)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"distributed": "dpp"}, r"distributed must be one of ddp, fsdp; got 'dpp' \(did you mean 'ddp'\?\)"),
+    ({"train": {"micro_batch_size": 5}}, r"train.micro_batch_size = 5 must divide train.batch_size = 16"),
+    ({"distributed": "fsdp", "methods": ["full_sft", "epi"], "epi": {"warmup": 2}}, r"\['epi'\] need distributed: ddp"),
+])
+def test_bad_distributed_settings_are_config_errors(change, message):
+    cfg = copy.deepcopy(TINY)
+    for key, value in change.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg)
+
+
+def test_a_batch_the_processes_cannot_share_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node 3 sets it; nothing is started
+    with pytest.raises(ConfigError, match=r"train.batch_size = 16 cannot be shared by 3 process\(es\)"):
+        run_pipeline(load_config(TINY), runs_dir=str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+def test_accelerate_settings_the_config_cannot_honour_are_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="configured for FSDP but the config says distributed: ddp"):
+        run_pipeline(load_config(TINY), runs_dir=str(tmp_path))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(ConfigError, match="mixed precision bf16"):
+        run_pipeline(load_config(TINY), runs_dir=str(tmp_path))
+    assert not os.listdir(tmp_path)
