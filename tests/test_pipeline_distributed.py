@@ -30,7 +30,8 @@ from cpift_fast.pipeline.run import MANIFEST
 from helpers import stage_digests
 from test_pipeline import TINY
 
-# TINY with EPI added (DDP only: EPI's importance state is per full tensor), one pair for Table 2
+# the pipeline tests' TINY (every CPI-FT stage, the baselines, compare_modes, one forgetting pair)
+# with EPI added
 DIST = copy.deepcopy(TINY)
 DIST.update(name="dist", methods=TINY["methods"] + ["epi"],
             epi={"ratio": 0.05, "interval": 2, "warmup": 2})
@@ -98,8 +99,6 @@ def _manifests(root: str) -> dict[str, dict]:
 def test_two_processes_equal_one_bit_for_bit(reference, tmp_path, strategy, launcher):
     cfg = copy.deepcopy(DIST)
     cfg["distributed"] = strategy
-    if strategy == "fsdp":
-        cfg["methods"] = TINY["methods"]  # EPI needs ddp
     runs = str(tmp_path / "runs")
     proc = _launch(launcher, cfg, runs, tmp_path)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
@@ -107,8 +106,8 @@ def test_two_processes_equal_one_bit_for_bit(reference, tmp_path, strategy, laun
 
     got, want = stage_digests(root), stage_digests(reference)
     assert got, "the 2-process run finished no stage"
-    assert set(got) <= set(want) and (strategy == "fsdp" or set(got) == set(want)), set(got) ^ set(want)
-    assert {k: got[k] for k in sorted(got)} == {k: want[k] for k in sorted(got)}
+    assert set(got) == set(want), set(got) ^ set(want)
+    assert {k: got[k] for k in sorted(got)} == {k: want[k] for k in sorted(want)}
     assert any(k.endswith("/core") for k in got) and any(k.endswith("/cpift/fuse") for k in got)
 
     trained = {k: m["info"] for k, m in _manifests(root).items() if "frozen_checked_per_rank" in m["info"]}
@@ -180,7 +179,6 @@ def test_one_process_default_order_is_the_trainers(tmp_path):
 @pytest.mark.parametrize("change, message", [
     ({"distributed": "dpp"}, r"distributed must be one of ddp, fsdp; got 'dpp' \(did you mean 'ddp'\?\)"),
     ({"train": {"micro_batch_size": 5}}, r"train.micro_batch_size = 5 must divide train.batch_size = 16"),
-    ({"distributed": "fsdp", "methods": ["full_sft", "epi"], "epi": {"warmup": 2}}, r"\['epi'\] need distributed: ddp"),
 ])
 def test_bad_distributed_settings_are_config_errors(change, message):
     cfg = copy.deepcopy(TINY)

@@ -417,9 +417,6 @@ def validate(raw: dict) -> Config:
     if micro is not None and cfg["train"]["batch_size"] % micro:
         raise ConfigError(f"train.micro_batch_size = {micro} must divide train.batch_size = {cfg['train']['batch_size']} "
                           f"(a step is batch_size / micro_batch_size forward/backward passes over the processes)")
-    if cfg["distributed"] == "fsdp" and set(methods) & set(EPI_METHODS):
-        raise ConfigError(f"methods {sorted(set(methods) & set(EPI_METHODS))} need distributed: ddp (or one process): "
-                          f"EPI's importance state is kept per full tensor, not per FSDP shard")
     k = cfg["baselines"]["ms_random"]["k"]
     if not isinstance(k, int) or not 1 <= k <= len(tasks):
         raise ConfigError(f"baselines.ms_random.k must be an integer in [1, {len(tasks)}] (the number of tasks), got {k!r}")

@@ -44,16 +44,20 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 
 def local_view(p: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(what this process holds of parameter `p`, the part of `bits` — a bool tensor of p's full
-    shape — that falls in it): a DTensor's local shard and its block of the bits, else p and bits."""
+    """(what this process holds of parameter `p`, the part of `bits` that falls in it): a DTensor's
+    local shard and its block of `bits` — bits of p's full shape, or already of the shard's shape
+    (a sharded mask: EPI's under FSDP2, as MaskedAdamW accepts it) — else p and bits."""
     if not is_dtensor(p):
         return p.detach(), bits
+    local = p.to_local().detach()
+    if tuple(bits.shape) != tuple(p.shape) and tuple(bits.shape) == tuple(local.shape):
+        return local, bits
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     for dim, (start, length) in enumerate(zip(offset, shape)):
         bits = bits.narrow(dim, start, length)
-    return p.to_local().detach(), bits
+    return local, bits
 
 
 def _params(model) -> dict[str, torch.Tensor]:

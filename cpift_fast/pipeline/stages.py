@@ -235,6 +235,7 @@ def epi_stage(env: Env, method: str, init: StageOut, policy: str) -> StageOut:
             _dump({"settings": asdict(epi), "steps": result["steps"], "state_bytes": result["state_bytes"],
                    "log": result["drift"]}, os.path.join(out, DRIFT_FILE))
         return {**_trained(env.run, out, result), "tasks": names, "state_bytes": result["state_bytes"],
+                "state_bytes_per_rank": result["state_bytes_per_rank"],
                 "refreshes": len({r["step"] for r in result["drift"]})}
 
     return env.run.stage(key, "stages", params, [init], fn, seed=env.seed, collective=True)

@@ -108,6 +108,19 @@ def num_steps(n_examples: int, spec: TrainSpec) -> int:
     return max(1, math.ceil(spec.epochs * math.ceil(n_examples / spec.batch_size)))
 
 
+def _full_words(frozen: ParamMask, name: str, p: torch.Tensor, device) -> torch.Tensor:
+    """The frozen words of the whole tensor `name`: the mask's own, or — for a sharded mask (this
+    rank's part of sharded parameter p, as EPI's under FSDP2) — every rank's part gathered."""
+    words = frozen.tensor_words(name).to(device)
+    if tuple(frozen.layout.shapes[frozen.layout.index[name]]) == tuple(p.shape):
+        return words
+    from torch.distributed.tensor import DTensor
+
+    local = ops.mask_unpack(words, p.to_local().numel()).view(p.to_local().shape).to(torch.uint8)
+    full = DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()).full_tensor()
+    return ops.mask_pack(full.reshape(-1).bool())
+
+
 def trainable_grad_norm(named: list, frozen: ParamMask | None) -> torch.Tensor:
     """‖trainable grads‖ (masked_grad_norm). With sharded (FSDP2) grads each tensor's full gradient
     is gathered in turn and reduced as in one process, so the norm is the same bit for bit."""
@@ -118,7 +131,7 @@ def trainable_grad_norm(named: list, frozen: ParamMask | None) -> torch.Tensor:
         if p.grad is None:
             continue
         grad = p.grad.full_tensor()
-        words = [frozen.tensor_words(name).to(grad.device)] if frozen is not None else []
+        words = [_full_words(frozen, name, p, grad.device)] if frozen is not None else []
         per_tensor.append(ops.masked_grad_sq_norm([grad], words)[0])
         del grad
     return torch.stack(per_tensor).sum().sqrt() if per_tensor else torch.zeros((), dtype=torch.float32)
@@ -149,7 +162,8 @@ def train(model, tok, examples: list[Example], spec: TrainSpec, *, frozen: Param
 
     epi: train by EPI (module doc) instead of freezing `frozen` (which must then be None); `tasks`
     names the task of each example; the result adds "drift" (EvolvingIsolation's log) and
-    "state_bytes" (the importance state). Raises ValueError before training when epi.warmup leaves
+    "state_bytes" (the importance state: of the whole model, over every rank's shards under FSDP2)
+    and "state_bytes_per_rank". Raises ValueError before training when epi.warmup leaves
     no step after the first mask or the batch cannot be shared by the processes, FrozenDriftError
     (on every rank) if a frozen element changed on any rank.
     """
@@ -175,8 +189,6 @@ def train(model, tok, examples: list[Example], spec: TrainSpec, *, frozen: Param
         if tasks is None or len(tasks) != len(examples):
             raise ValueError(f"{desc}: EPI needs the task of every example ({len(examples)} examples, "
                              f"{'no' if tasks is None else len(tasks)} task names)")
-        if dist.strategy == "fsdp":
-            raise ValueError(f"{desc}: EPI needs distributed: ddp (its importance state is per full tensor)")
         sampler = TaskBatchSampler(tasks, spec.batch_size, seed=seed)
         steps = max(1, math.ceil(spec.epochs * len(sampler)))
         if epi.warmup >= steps:
@@ -335,7 +347,9 @@ def train(model, tok, examples: list[Example], spec: TrainSpec, *, frozen: Param
     result = {"steps": steps, "loss": log, "frozen_checked": total, "frozen_checked_per_rank": per_rank}
     if epi is not None:
         result["drift"] = held["isolation"].log
-        result["state_bytes"] = held["tracker"].state_bytes()
+        per_rank = dist.all_gather(held["tracker"].state_bytes())  # FSDP2: each rank holds its shards' state
+        result["state_bytes"] = sum(per_rank) if dist.strategy == "fsdp" else per_rank[0]
+        result["state_bytes_per_rank"] = per_rank
     return result
 
 
