@@ -1,7 +1,7 @@
 """The pipeline under a 2-process launch (issue 13), gloo on CPU: `torchrun --nproc_per_node 2
 $(which cpift) run CFG` with DDP, `accelerate launch --multi_gpu --num_processes 2 $(which cpift)
-run CFG` with FSDP2 (both launchers only set the process environment; the strategy comes from the
-config). Every stage — checkpoints, core masks, groups, fused tensors, evaluation results, loss
+run CFG` with FSDP2 and activation checkpointing (both launchers only set the process environment;
+the strategy comes from the config). Every stage — checkpoints, core masks, groups, fused tensors, evaluation results, loss
 curves — is bit-identical to the 1-process run with the same two micro-batches per step (train.py:
 both add the same two micro-batch gradients), frozen elements are checked on every rank, and the
 run directory holds what one process would have written.
@@ -99,6 +99,7 @@ def _manifests(root: str) -> dict[str, dict]:
 def test_two_processes_equal_one_bit_for_bit(reference, tmp_path, strategy, launcher):
     cfg = copy.deepcopy(DIST)
     cfg["distributed"] = strategy
+    cfg["train"]["gradient_checkpointing"] = strategy == "fsdp"  # recomputed activations: the same bits
     runs = str(tmp_path / "runs")
     proc = _launch(launcher, cfg, runs, tmp_path)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
@@ -205,3 +206,20 @@ def test_accelerate_settings_the_config_cannot_honour_are_errors(tmp_path, monke
     with pytest.raises(ConfigError, match="mixed precision bf16"):
         run_pipeline(load_config(TINY), runs_dir=str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_gradient_checkpointing_engages_and_changes_no_bit():
+    from cpift_fast.pipeline import train as train_mod
+    from cpift_fast.pipeline.model import TinyLlamaSpec, build_tiny_llama
+    from cpift_fast.pipeline.tasks import make_synthetic
+
+    task = make_synthetic("shift", 32, 4, 0)
+    trained = []
+    for ckpt in (False, True):
+        model, tok = build_tiny_llama(TinyLlamaSpec(16, 1, 2, 32))
+        spec = train_mod.TrainSpec(batch_size=16, max_len=24, gradient_checkpointing=ckpt)
+        train_mod.train(model, tok, task.train, spec, progress=False)
+        engaged = getattr(model, "is_activation_checkpointing", None)  # transformers v5's name
+        assert (engaged if engaged is not None else model.is_gradient_checkpointing) == ckpt
+        trained.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
