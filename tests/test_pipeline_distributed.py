@@ -223,3 +223,67 @@ def test_gradient_checkpointing_engages_and_changes_no_bit():
         assert (engaged if engaged is not None else model.is_gradient_checkpointing) == ckpt
         trained.append({n: p.detach().clone() for n, p in model.named_parameters()})
     assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
+
+
+# ----- errors reach every rank (2 gloo processes, no training) -------------------------------------
+
+def _errors_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from cpift_fast.pipeline.dist import Dist
+    from cpift_fast.pipeline.freeze import FrozenDriftError
+    from cpift_fast.pipeline.run import MissingStageError
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    d = Dist(rank, 2, "ddp", dist.new_group(backend="gloo"))
+    seen = {}
+
+    def fails_on_rank_1():
+        if rank == 1:
+            raise FrozenDriftError("probe (rank 1): 3 frozen element(s) of 'w' changed during training")
+        return "rank 0 fine"
+
+    def missing():
+        raise MissingStageError("seed0/probe/a", "probe", "core", "cfg.yaml")
+
+    class Unpicklable(Exception):
+        def __init__(self, a, b):
+            super().__init__(f"{a} and {b}")
+
+    def unpicklable():
+        raise Unpicklable(1, 2)
+
+    for name, call in (("together", lambda: d.together(fails_on_rank_1)), ("on_main", lambda: d.on_main(missing)),
+                       ("unpicklable", lambda: d.on_main(unpicklable))):
+        try:
+            call()
+            seen[name] = None
+        except Exception as exc:  # noqa: BLE001 - recorded for the test
+            seen[name] = (type(exc).__name__, str(exc))
+    seen["broadcast"] = d.broadcast(f"from rank {rank}")
+    seen["all_gather"] = d.all_gather(rank * 10)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(seen, f)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
+    script = ("import sys, torch.multiprocessing as mp; sys.path.insert(0, sys.argv[1]); "
+              "from test_pipeline_distributed import _errors_worker, _free_port; "
+              "mp.spawn(_errors_worker, args=(_free_port(), sys.argv[2]), nprocs=2)")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for seen in ranks:
+        assert seen["together"] == ["FrozenDriftError",
+                                    "probe (rank 1): 3 frozen element(s) of 'w' changed during training"]
+        assert seen["on_main"][0] == "MissingStageError" and "`cpift run cfg.yaml --stage probe --task a`" \
+            in seen["on_main"][1]
+        assert seen["broadcast"] == "from rank 0" and seen["all_gather"] == [0, 10]
+    assert ranks[0]["unpicklable"] == ["Unpicklable", "1 and 2"]  # rank 0 raises its own error
+    assert ranks[1]["unpicklable"] == ["RankError", "rank 0: Unpicklable: 1 and 2"]  # the others a description
