@@ -5,7 +5,9 @@ run or task name must be a plain directory name, so no path leaves the runs dire
 keys (with the closest valid one), unknown tasks, missing data files,
 p / τ / t / ratios out of range, unknown methods or stage-order strategies, user groups that do
 not partition the tasks, EPI settings (``epi:``; a warmup that leaves the EPI stage no step after
-its first masks), and a model that is neither ``tiny``, an existing local directory, nor
+its first masks), ``distributed`` (ddp | fsdp) and a ``train.micro_batch_size`` that does not
+divide ``train.batch_size`` (whether the processes of a launch can share the batch is checked when
+the run starts, before any work: driver.py), and a model that is neither ``tiny``, an existing local directory, nor
 resolvable on the hub.
 """
 
