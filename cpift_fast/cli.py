@@ -314,12 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (dotted key, YAML value); repeatable")
     p.add_argument("--world-size", type=int, default=1, help="GPUs of a training stage (default 1)")
-    p.add_argument("--sharding", choices=["ddp", "fsdp"], default="ddp",
-                   help="ddp: everything replicated; fsdp: params, grads, moments, masks sharded")
+    p.add_argument("--sharding", choices=["ddp", "fsdp"], default=None,
+                   help="ddp: everything replicated; fsdp: params, grads, moments, masks sharded "
+                        "(default: the config's distributed, else ddp)")
     p.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     p.add_argument("--state-dtype", choices=["float32"], default=None,
                    help="AdamW moments in fp32 (default: the parameter dtype, as the pipeline trains)")
-    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in training")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="activation checkpointing in training (default: the config's train.gradient_checkpointing)")
     p.add_argument("--attention", choices=["eager", "sdpa"], default=None,
                    help="eager stores the attention scores (default: eager for tiny, sdpa for hub models)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

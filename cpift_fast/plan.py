@@ -312,18 +312,21 @@ def model_config_of(model: Mapping, max_len: int):
         raise ValueError(f"model {model['source']!r}: cannot read its config ({str(exc).splitlines()[0][:200]})") from None
 
 
-def plan_for_config(cfg, *, world_size: int = 1, sharding: str = "ddp", gpu_gb: float = 80.0,
+def plan_for_config(cfg, *, world_size: int = 1, sharding: str | None = None, gpu_gb: float = 80.0,
                     state_dtype: str | None = None, grad_checkpointing: bool = False,
                     attention: str | None = None) -> tuple[ModelShape, dict, list[StageMemory]]:
     """``memory_plan`` for a pipeline ``Config``: (model shape, the settings used, rows).
 
     From the config: the model (tiny: fp32, as the pipeline trains it, eager attention; a hub
-    model: ``model.dtype``, sdpa attention — transformers' default), ``train.batch_size`` (per
-    GPU) and ``train.max_len``, the number of tasks, ``eval.batch_size``, and the eval sequence
-    ``train.max_len`` + the largest ``max_new_tokens`` of the tasks (256, the real-data loaders'
-    largest default, where none is set), and EPI: when ``methods`` has epi or epi_static, an epi
-    row with importance state for every task of the config in ``epi.state_dtype`` (epi_tasks 0
-    otherwise). The rest are the arguments (the config has no keys for them yet)."""
+    model: ``model.dtype``, sdpa attention — transformers' default), the per-GPU batch — what one
+    process computes at once: ``train.micro_batch_size``, else ``train.batch_size`` / world_size
+    rounded up (a step's batch is shared by the processes) — and ``train.max_len``, the number of
+    tasks, ``eval.batch_size``, the eval sequence ``train.max_len`` + the largest
+    ``max_new_tokens`` of the tasks (256, the real-data loaders' largest default, where none is
+    set), ``distributed`` (the sharding when `sharding` is None; ddp when unset),
+    ``train.gradient_checkpointing`` (or `grad_checkpointing`), and EPI: when ``methods`` has epi
+    or epi_static, an epi row with importance state for every task of the config in
+    ``epi.state_dtype`` (epi_tasks 0 otherwise). The rest are the arguments."""
     from .pipeline.config import EPI_METHODS
 
     model = cfg["model"]
@@ -331,9 +334,13 @@ def plan_for_config(cfg, *, world_size: int = 1, sharding: str = "ddp", gpu_gb: 
     max_len = int(cfg["train"]["max_len"])
     new_tokens = max((t.max_new_tokens for t in cfg.tasks if t.max_new_tokens), default=256)
     epi = bool(set(cfg["methods"]) & set(EPI_METHODS))
-    settings = {"world_size": world_size, "sharding": sharding, "param_dtype": "float32" if tiny else model["dtype"],
-                "state_dtype": state_dtype, "batch_size": int(cfg["train"]["batch_size"]), "seq_len": max_len,
-                "grad_checkpointing": grad_checkpointing, "attention": attention or ("eager" if tiny else "sdpa"),
+    train = cfg["train"]
+    micro = train["micro_batch_size"] or -(-int(train["batch_size"]) // max(1, int(world_size)))
+    settings = {"world_size": world_size, "sharding": sharding or cfg["distributed"] or "ddp",
+                "param_dtype": "float32" if tiny else model["dtype"], "state_dtype": state_dtype,
+                "batch_size": int(micro), "seq_len": max_len,
+                "grad_checkpointing": bool(grad_checkpointing or train["gradient_checkpointing"]),
+                "attention": attention or ("eager" if tiny else "sdpa"),
                 "n_tasks": len(cfg.tasks), "epi_tasks": len(cfg.tasks) if epi else 0,
                 "epi_state": cfg["epi"]["state_dtype"],
                 "eval_batch_size": int(cfg["eval"]["batch_size"]), "eval_seq_len": max_len + new_tokens,

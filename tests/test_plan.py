@@ -154,7 +154,7 @@ def _config(tmp_path, model_dir=None) -> str:
     """A pipeline config with two built-in tasks; the model is a local directory if given."""
     model = f"model: {{source: {model_dir}, dtype: bfloat16}}\n" if model_dir else ""
     path = tmp_path / "cfg.yaml"
-    path.write_text(f"name: plan\ntasks: [shift, unshift]\n{model}train: {{batch_size: 2, max_len: 128}}\n")
+    path.write_text(f"name: plan\ntasks: [shift, unshift]\n{model}train: {{batch_size: 16, max_len: 128}}\n")
     return str(path)
 
 
@@ -182,7 +182,7 @@ def test_cli_json_matches_memory_plan(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["model"]["params"] == 6_738_415_616
     assert [s["stage"] for s in data["stages"]] == list(KINDS) + ["epi"]
-    assert data["settings"] == {
+    assert data["settings"] == {  # the step's 16 examples shared by 8 processes: 2 per GPU
         "world_size": 8, "sharding": "fsdp", "param_dtype": "bfloat16", "state_dtype": None, "batch_size": 2,
         "seq_len": 128, "grad_checkpointing": True, "attention": "sdpa", "n_tasks": 2, "epi_tasks": 2,
         "epi_state": "bfloat16", "eval_batch_size": 256, "eval_seq_len": 128 + 256, "hub_base": True, "gpu_gb": 40.0}
@@ -190,6 +190,17 @@ def test_cli_json_matches_memory_plan(tmp_path, capsys):
     for got, want in zip(data["stages"], expected):
         assert got["total_gib"] == pytest.approx(want.total / GIB)
         assert got["fits"] == want.fits
+
+
+def test_cli_batch_sharding_and_checkpointing_follow_the_config(tmp_path, capsys):
+    args = ["plan", _config(tmp_path), "--world-size", "4", "--json"]
+    assert main(args) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert (settings["batch_size"], settings["sharding"], settings["grad_checkpointing"]) == (4, "ddp", False)
+    assert main(args + ["--set", "train.micro_batch_size=2", "--set", "distributed=fsdp",
+                        "--set", "train.gradient_checkpointing=true"]) == 0
+    settings = json.loads(capsys.readouterr().out)["settings"]
+    assert (settings["batch_size"], settings["sharding"], settings["grad_checkpointing"]) == (2, "fsdp", True)
 
 
 def test_cli_set_override(tmp_path, capsys):

@@ -5,7 +5,9 @@ run or task name must be a plain directory name, so no path leaves the runs dire
 keys (with the closest valid one), unknown tasks, missing data files,
 p / τ / t / ratios out of range, unknown methods or stage-order strategies, user groups that do
 not partition the tasks, EPI settings (``epi:``; a warmup that leaves the EPI stage no step after
-its first masks), and a model that is neither ``tiny``, an existing local directory, nor
+its first masks), ``distributed`` (ddp | fsdp) and a ``train.micro_batch_size`` that does not
+divide ``train.batch_size`` (whether the processes of a launch can share the batch is checked when
+the run starts, before any work: driver.py), and a model that is neither ``tiny``, an existing local directory, nor
 resolvable on the hub.
 """
 
@@ -30,6 +32,11 @@ CONSOLIDATE_FREEZE = ("all", "cumulative", "none")
 CONSOLIDATE_MODES = ("multi_stage", "single_stage")
 CHAT_TEMPLATE = ("auto", "never")
 EVALUATORS = ("builtin", "lm_eval")
+DISTRIBUTED = ("ddp", "fsdp")
+# train settings that change how a step is computed, not what it computes (up to floating-point
+# summation order): left out of the stage hashes, so a run resumed with another process count or
+# micro-batch size reuses its finished stages
+EXECUTION = ("micro_batch_size", "gradient_checkpointing")
 EPI_METHODS = ("epi", "epi_static")
 EPI_SIGNALS = ("grad_x_param", "grad_sq", "grad_abs")
 EPI_STATE_DTYPES = ("float32", "bfloat16", "int8")
@@ -49,8 +56,14 @@ DEFAULTS: dict = {
     "pretrain": {"examples": 6000, "epochs": 1.0, "lr": 3e-3},
     "data": {"n_train": 1000, "n_test": 200, "chat_template": "auto"},
     "tasks": [],
+    # batch_size: examples per optimizer step (the global batch, whatever the number of processes);
+    # micro_batch_size: examples per forward/backward on one process (null: batch_size / processes),
+    # the rest of the batch by gradient accumulation; gradient_checkpointing: recompute activations
+    # in the backward pass. The last two only change how a step is computed (not hashed: EXECUTION)
     "train": {"epochs": 2.0, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.01, "warmup_ratio": 0.03,
-              "max_grad_norm": 1.0, "max_len": 32},
+              "max_grad_norm": 1.0, "max_len": 32, "micro_batch_size": None, "gradient_checkpointing": False},
+    # multi-process launches (torchrun / accelerate launch): ddp | fsdp (FSDP2); null: ddp
+    "distributed": None,
     "probe": {"epochs": 1.0},
     "cpift": {"p": 0.01, "tau": 0.1, "order": "random", "t": 0.5, "overlap_rule": "last",
               "freeze": "cumulative",
@@ -242,6 +255,8 @@ RULES: dict[str, Rule] = {
     "train.epochs": Num(0, 1e9, lo_open=True), "train.batch_size": Int(1), "train.lr": Num(0, 1e9, lo_open=True),
     "train.weight_decay": Num(0, 1e9), "train.warmup_ratio": Num(0, 1), "train.max_grad_norm": Num(0, 1e9),
     "train.max_len": Int(3, why=" (beginning-of-sequence + a prompt token + a response token)"),
+    "train.micro_batch_size": Optional(Int(1)), "train.gradient_checkpointing": Bool(),
+    "distributed": Optional(Choice(DISTRIBUTED)),
     "probe.epochs": Num(0, 1e9, lo_open=True),
     "cpift.p": Num(0, 1, lo_open=True), "cpift.tau": Num(0, 1), "cpift.order": Choice(ORDER_STRATEGIES),
     "cpift.t": Num(0, 1), "cpift.overlap_rule": Choice(OVERLAP_RULES), "cpift.freeze": Choice(("cumulative", "none")),
@@ -400,6 +415,10 @@ def validate(raw: dict) -> Config:
             raise ConfigError(f"unknown method {m!r} (valid: {', '.join(METHODS)})")
     if set(methods) & set(EPI_METHODS):
         _check_epi_warmup(cfg, tasks)
+    micro = cfg["train"]["micro_batch_size"]
+    if micro is not None and cfg["train"]["batch_size"] % micro:
+        raise ConfigError(f"train.micro_batch_size = {micro} must divide train.batch_size = {cfg['train']['batch_size']} "
+                          f"(a step is batch_size / micro_batch_size forward/backward passes over the processes)")
     k = cfg["baselines"]["ms_random"]["k"]
     if not isinstance(k, int) or not 1 <= k <= len(tasks):
         raise ConfigError(f"baselines.ms_random.k must be an integer in [1, {len(tasks)}] (the number of tasks), got {k!r}")

@@ -97,3 +97,72 @@ def encode_prompts(prompts: list, tok, chat_template: str = "auto", max_len: int
             ids = ids[len(pre) + len(ids) - max_len:]
         out.append(pre + ids)
     return out
+
+
+# ----- steps, micro-batches and processes ---------------------------------------------------------
+# A step's examples (its global batch) do not depend on the number of processes: each step's batch
+# is cut into `parts` micro-batches, and process r of `world` computes the consecutive parts / world
+# of them starting at r·parts/world, accumulating their gradients; the all-reduce sums the processes'
+# gradients. With parts = world = 2 that sum is g₁ + g₂ in both a 1-process run (two accumulated
+# micro-batches) and a 2-process one, so the two are bit-identical (train.py).
+
+def shuffled_batches(n: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:
+    """The examples of each of `steps` optimizer steps: epoch e is torch.randperm(n) drawn from a
+    generator seeded with seed + e (as the Trainer's seedable sampler draws it), cut into batches of
+    `batch_size` (the epoch's last one shorter); epochs follow each other until `steps` batches."""
+    out: list[list[int]] = []
+    epoch = 0
+    while len(out) < steps:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out.extend(order[a:a + batch_size] for a in range(0, n, batch_size))
+        epoch += 1
+    return out[:steps]
+
+
+def micro_batches(batch: list[int], parts: int) -> list[list[tuple[int, bool]]]:
+    """`batch` cut into `parts` consecutive pieces whose sizes differ by at most one (larger first),
+    as (example, counted) keys. A piece that would be empty (a batch shorter than `parts`) holds the
+    batch's first example with counted=False: its labels are all ignored, so it adds no loss and an
+    exact zero gradient, and every process has a micro-batch to compute."""
+    size, extra = divmod(len(batch), parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + size + (k < extra)
+        out.append([(i, True) for i in batch[start:end]] or [(batch[0], False)])
+        start = end
+    return out
+
+
+class RankBatches(torch.utils.data.Sampler):
+    """The micro-batches (lists of (example, counted) keys) process `rank` of `world` computes, step
+    after step: of each step's `parts` micro-batches the consecutive parts / world starting at
+    rank · parts / world."""
+
+    def __init__(self, batches: list[list[int]], parts: int, rank: int = 0, world: int = 1):
+        if parts % world:
+            raise ValueError(f"{parts} micro-batches per step cannot be shared by {world} processes")
+        self.batches, self.parts, self.rank, self.world = batches, parts, rank, world
+        self.per_rank = parts // world
+
+    def __len__(self) -> int:
+        return len(self.batches) * self.per_rank
+
+    def __iter__(self):
+        first = self.rank * self.per_rank
+        for batch in self.batches:
+            yield from micro_batches(batch, self.parts)[first:first + self.per_rank]
+
+
+class KeyedDataset(torch.utils.data.Dataset):
+    """A dataset indexed by (example, counted) keys: an uncounted example's labels are all ignored."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        i, counted = key
+        item = self.dataset[i]
+        return item if counted else {**item, "labels": [IGNORE] * len(item["labels"])}

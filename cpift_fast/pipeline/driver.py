@@ -1,4 +1,8 @@
-"""Run a whole config: base model, every method for every seed, evaluations, forgetting, report."""
+"""Run a whole config: base model, every method for every seed, evaluations, forgetting, report.
+
+Under torchrun / accelerate launch every process runs this driver in lock step (dist.py): the
+training stages on every rank, everything else — and every write in the run directory — on rank 0.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,11 @@ from collections.abc import Iterator
 import torch
 
 from .config import DEMO, Config, ConfigError, load_config, parse_override
+from .dist import launched_world_size
+from .dist import setup as setup_dist
 from .methods import METHODS, cpift_consolidation_modes, forgetting, probes
 from .run import KINDS, PER_TASK, MissingStageError, NotSelected, Run
-from .stages import Env, base_stage, core_stage, eval_stage, load_json, probe_stage, scores
-
+from .stages import Env, base_stage, core_stage, eval_stage, load_json, probe_stage, scores, train_spec
 
 
 def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = None, seeds: int | None = None,
@@ -28,12 +33,20 @@ def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = No
     reuse finished ones. Every input stage must be finished: an unfinished one raises
     MissingStageError naming it (upstream stages are never computed). Then no results are collected
     and no report is written: the returned dict holds "stage_log", "run_dir" and "selected" (the
-    keys of the selected stages, computed now or found finished). A plain run afterwards reuses every stage and reports."""
+    keys of the selected stages, computed now or found finished). A plain run afterwards reuses every stage and reports.
+
+    Launched as several processes (torchrun, accelerate launch) every process calls this with the
+    same arguments; they all return the same results, and rank 0 alone writes the report."""
     if seeds is not None and (not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1):
         raise ConfigError(f"--seeds must be a positive integer (the number of seeds), got {seeds!r}")
     n_seeds = int(cfg["seeds"] if seeds is None else seeds)
     all_seeds = range(int(cfg["seed"]), int(cfg["seed"]) + n_seeds)
     _check_selection(cfg, stage, task, seed, all_seeds, from_kind)
+    try:  # before any process group is set up
+        train_spec(cfg, 1.0, 1.0).parts(launched_world_size())
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    dist = setup_dist(cfg["distributed"])
     torch.set_num_threads(int(cfg["threads"]))
     if cfg["model"]["source"] == "tiny":  # loading/saving a tiny model is instant: no bars for it
         from transformers.utils import logging as hf_logging
@@ -41,7 +54,7 @@ def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = No
         hf_logging.disable_progress_bar()
     t0 = time.perf_counter()
     run = Run(os.path.join(runs_dir, cfg.name), from_kind=from_kind, progress=bool(cfg["progress"]), verify=verify,
-              only=stage, task=task)
+              only=stage, task=task, dist=dist)
     base = base_stage(cfg, run)
     names = cfg.task_names
     results: dict = {"tasks": names, "methods": list(cfg["methods"]), "seeds": {}, "run_dir": run.root}
@@ -59,8 +72,11 @@ def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = No
     if write_report:
         from .report import write_report as _write
 
-        with run.lock("report"):  # two processes on one run directory: one report at a time
-            results["report"] = _write(cfg, results)
+        def report():
+            with run.lock("report"):  # two processes on one run directory: one report at a time
+                return _write(cfg, results)
+
+        results["report"] = dist.on_main(report)
     return results
 
 

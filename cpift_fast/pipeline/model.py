@@ -110,30 +110,50 @@ def build_tiny_llama(spec: TinyLlamaSpec, seed: int = 0):
     return model.float(), tok
 
 
-def load_hub_model(name_or_dir: str, dtype: torch.dtype = torch.float32):
-    """Any causal LM ``transformers`` can load, plus its tokenizer (hub name or local dir)."""
+def sharding(fsdp_size: int | None) -> dict:
+    """``from_pretrained`` keywords that shard the model over `fsdp_size` processes at load time
+    (transformers' own FSDP2: each process reads only its shards); {} for None."""
+    if not fsdp_size:
+        return {}
+    try:
+        from transformers.distributed import DistributedConfig
+    except ImportError:
+        import transformers
+
+        raise RuntimeError(f"distributed: fsdp needs a transformers with native FSDP2 loading "
+                           f"(transformers.distributed.DistributedConfig); this is {transformers.__version__}") from None
+    return {"distributed_config": DistributedConfig(fsdp_size=fsdp_size)}
+
+
+def load_hub_model(name_or_dir: str, dtype: torch.dtype = torch.float32, fsdp_size: int | None = None):
+    """Any causal LM ``transformers`` can load, plus its tokenizer (hub name or local dir); sharded
+    over `fsdp_size` processes at load time when given (every process must call it)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(name_or_dir, dtype=dtype, **sharding(fsdp_size))
     tok = HFTokenizer(AutoTokenizer.from_pretrained(name_or_dir))
     return model, tok
 
 
-def save_checkpoint(model, tok, directory: str) -> None:
-    """``save_pretrained`` (safetensors) plus the tokenizer; the directory must exist."""
+def save_checkpoint(model, tok, directory: str, main: bool = True) -> None:
+    """``save_pretrained`` (safetensors) plus the tokenizer; the directory must exist. For a model
+    sharded at load time every process calls it (transformers gathers the full state dict to rank 0,
+    which writes it) and `main` says whether this process writes the tokenizer."""
     model.save_pretrained(directory, safe_serialization=True)
-    tok.save(directory)
+    if main:
+        tok.save(directory)
 
 
-def load_checkpoint(directory: str):
-    """Model + tokenizer from a directory written by ``save_checkpoint`` (fp32 values kept bit-exact).
-    The built-in tiny model is loaded with eager attention (as it was trained)."""
+def load_checkpoint(directory: str, fsdp_size: int | None = None):
+    """Model + tokenizer from a directory written by ``save_checkpoint`` (fp32 values kept bit-exact),
+    sharded over `fsdp_size` processes at load time when given (every process must call it). The
+    built-in tiny model is loaded with eager attention (as it was trained)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with open(os.path.join(directory, "config.json")) as f:
         builtin = bool(json.load(f).get(BUILTIN_FLAG))
     extra = {"attn_implementation": "eager"} if builtin else {}
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto", **extra)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto", **extra, **sharding(fsdp_size))
     tok = HFTokenizer(AutoTokenizer.from_pretrained(directory))
     model.eval()
     return model, tok

@@ -31,6 +31,11 @@ earlier kind is a missing input (``MissingStageError``, nothing upstream is comp
 another process is computing right now is waited for); an unfinished one of a later kind, or
 another task's piece of the kind, is not this command's work (``NotSelected``: the caller drops the
 part of the pipeline that needs it, without waiting for a process that holds its lock).
+
+Several processes of one launch (torchrun, accelerate launch; ``dist=``, see dist.py): rank 0 alone
+locks, checks, cleans and publishes, and broadcasts each decision and outcome; a ``collective``
+stage (training) runs its function on every rank, any other stage on rank 0 only. Every rank ends
+each ``stage`` call with the same StageOut, or the same error.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ from urllib.parse import quote
 
 import numpy as np
 import torch
+
+from .dist import SINGLE, Dist
 
 # The order of stage kinds; --from KIND re-runs this kind and every later one.
 KINDS = ("base", "probe", "core", "group", "stages", "fuse", "consolidate", "forgetting", "eval")
@@ -77,6 +84,9 @@ class MissingStageError(ValueError):
         task = f" --task {key.rsplit('/', 1)[1]}" if kind in PER_TASK else ""
         super().__init__(f"--stage {needed_by} needs stage {key}, which is not finished: run "
                          f"`cpift run {config} --stage {kind}{task}` first")
+
+    def __reduce__(self):  # pickled by its fields (rank 0's error raised on every rank)
+        return MissingStageError, (self.key, self.kind, self.needed_by, self.config)
 
     def for_config(self, config: str) -> MissingStageError:
         """The same error with the command naming `config`."""
@@ -207,9 +217,10 @@ class Run:
     """The stage cache of one run directory (see the module doc: locking, verification)."""
 
     def __init__(self, root: str, from_kind: str | None = None, progress: bool = True, verify: str = "fast",
-                 only: str | None = None, task: str | None = None):
+                 only: str | None = None, task: str | None = None, dist: Dist = SINGLE):
         """`only`: compute only stages of this kind (`task`: only this task's piece of a per-task
-        kind); see the module doc. Cannot be combined with `from_kind`."""
+        kind); see the module doc. Cannot be combined with `from_kind`. `dist`: this process's
+        place in a multi-process launch (only rank 0 writes in `root`)."""
         if from_kind is not None and from_kind not in KINDS:
             raise ValueError(f"--from {from_kind!r}: unknown stage (valid: {', '.join(KINDS)})")
         if verify not in VERIFY:
@@ -223,14 +234,16 @@ class Run:
         self.only, self.task = only, task
         self.root = os.path.abspath(root)
         self.forced = set(KINDS[KINDS.index(from_kind):]) if from_kind else set()
-        self.progress = progress
+        self.dist = dist
+        self.progress = progress and dist.is_main
         self.verify = verify
         self.done: dict[str, StageOut] = {}
         self.log: list[tuple[str, str, float]] = []  # (key, "ran"|"cached", seconds)
         self.selected_done: list[str] = []  # keys of the finished stages this Run selects (see `only`)
-        self.warnings: list[str] = []
-        os.makedirs(os.path.join(self.root, LOCKS), exist_ok=True)
-        self._clean_temps()
+        self.warnings: list[str] = []  # rank 0's (the rank that checks stages)
+        if dist.is_main:
+            os.makedirs(os.path.join(self.root, LOCKS), exist_ok=True)
+            self._clean_temps()
 
     # ----- locks and temps --------------------------------------------------------------------
 
@@ -316,84 +329,111 @@ class Run:
     # ----- stages -----------------------------------------------------------------------------
 
     def stage(self, key: str, kind: str, params: dict, deps: list[StageOut],
-              fn: Callable[[str], dict | None], seed: int = 0) -> StageOut:
+              fn: Callable[[str], dict | None], seed: int = 0, collective: bool = False) -> StageOut:
         """Return the finished stage `key`, computing it with fn(tmp_dir) unless a valid one exists.
 
         `params`: every setting the stage uses (hashed into the manifest); `deps`: input stages.
         fn writes its outputs into the directory it is given and may return extra manifest info.
+        `collective`: in a multi-process launch, fn runs on every rank (a training stage; only rank 0
+        may write into the directory, and rank 0's return value is recorded), else on rank 0 alone.
         """
         if kind not in KINDS:
             raise ValueError(f"stage {key}: unknown kind {kind!r}")
         if key in self.done:
             return self.done[key]
-        out = self._stage(key, kind, params, deps, fn, seed)
+        out = self._stage(key, kind, params, deps, fn, seed, collective)
         if self.selected(key, kind):
             self.selected_done.append(key)
         return out
 
-    def _stage(self, key, kind, params, deps, fn, seed) -> StageOut:
+    def _stage(self, key, kind, params, deps, fn, seed, collective) -> StageOut:
         config_hash = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
         inputs = {d.key: d.digest for d in deps}
         final = self.path(key)
-        parent, base = os.path.split(final)
-        os.makedirs(parent, exist_ok=True)
-        selected = self.selected(key, kind)
-        upstream = not selected and KINDS.index(kind) < KINDS.index(self.only)
-        with self.lock(key, wait=selected or upstream) as held:
-            if not held:  # someone else's work, in progress
-                raise NotSelected(key)
-            self._clean_stage_temps(final)
-            old = None if kind in self.forced else self._reusable(key, final, config_hash, inputs)
-            if old is not None:
+        with contextlib.ExitStack() as held:  # rank 0: the stage's lock, until the stage is published
+            old = self.dist.on_main(lambda: self._decide(key, kind, config_hash, inputs, final, held))
+            if old is None:
+                out = self._compute(key, kind, params, config_hash, inputs, final, fn, seed, collective)
+            else:
                 out = StageOut(key, final, old["digest"], old)
-                self.done[key] = out
                 self.log.append((key, "cached", 0.0))
                 if self.progress:
                     print(f"  ✓ {key} (done earlier, skipped)", flush=True)
-                return out
-            if upstream:
-                raise MissingStageError(key, kind, self.only)
-            if not selected:
-                raise NotSelected(key)
-            out = self._compute(key, kind, params, config_hash, inputs, final, fn, seed)
         self.done[key] = out
         return out
 
-    def _compute(self, key, kind, params, config_hash, inputs, final, fn, seed) -> StageOut:
-        """Run fn in a temp directory and publish it at `final` (the stage's lock is held)."""
+    def _decide(self, key, kind, config_hash, inputs, final, held: contextlib.ExitStack) -> dict | None:
+        """Take the stage's lock (kept in `held`) and return the manifest of a reusable finished
+        stage, or None when the stage is to be computed now; raise NotSelected / MissingStageError
+        when it is not this Run's work."""
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        selected = self.selected(key, kind)
+        upstream = not selected and KINDS.index(kind) < KINDS.index(self.only)
+        if not held.enter_context(self.lock(key, wait=selected or upstream)):
+            raise NotSelected(key)  # someone else's work, in progress
+        self._clean_stage_temps(final)
+        old = None if kind in self.forced else self._reusable(key, final, config_hash, inputs)
+        if old is None and upstream:
+            raise MissingStageError(key, kind, self.only)
+        if old is None and not selected:
+            raise NotSelected(key)
+        return old
+
+    def _compute(self, key, kind, params, config_hash, inputs, final, fn, seed, collective) -> StageOut:
+        """Run fn in a temp directory and publish it at `final` (rank 0 holds the stage's lock):
+        on every rank when `collective`, else on rank 0 alone; the manifest reaches every rank."""
         parent, base = os.path.split(final)
-        tmp = os.path.join(parent, f".tmp-{base}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        if self.progress:
-            print(f"▶ {key}", flush=True)
-        t0 = time.perf_counter()
-        seed_everything(seed, key)
-        try:
-            info = fn(tmp) or {}
-            seconds = time.perf_counter() - t0
-            manifest = {"stage": key, "kind": kind, "config_hash": config_hash, "params": params,
-                        "inputs": inputs, "digest": digest_dir(tmp), "files": _record_files(tmp),
-                        "seconds": round(seconds, 3), "info": info}
-            with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=1, sort_keys=True, default=str)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            if os.path.exists(final):
-                old_dir = os.path.join(parent, f".old-{base}-{os.getpid()}")
-                shutil.rmtree(old_dir, ignore_errors=True)
-                os.rename(final, old_dir)
-                os.rename(tmp, final)
-                shutil.rmtree(old_dir, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-            _fsync_dir(parent)
-        except BaseException:
+        tmp = self.dist.broadcast(os.path.join(parent, f".tmp-{base}-{os.getpid()}"))  # rank 0's
+
+        def prepare():
             shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            if self.progress:
+                print(f"▶ {key}", flush=True)
+            return time.perf_counter()
+
+        def run_fn():
+            seed_everything(seed, key)
+            return fn(tmp) or {}
+
+        def publish(info, t0):
+            return self._publish(key, kind, params, config_hash, inputs, final, tmp, info, time.perf_counter() - t0)
+
+        try:
+            t0 = self.dist.on_main(prepare)
+            if collective:
+                info = self.dist.together(run_fn)  # rank 0's info is the one recorded
+                manifest = self.dist.on_main(lambda: publish(info, t0))
+            else:
+                manifest = self.dist.on_main(lambda: publish(run_fn(), t0))
+        except BaseException:
+            if self.dist.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
         out = StageOut(key, final, manifest["digest"], manifest)
-        self.log.append((key, "ran", seconds))
+        self.log.append((key, "ran", manifest["seconds"]))
         if self.progress:
-            print(f"  ✓ {key} ({seconds:.1f} s)", flush=True)
+            print(f"  ✓ {key} ({manifest['seconds']:.1f} s)", flush=True)
         return out
+
+    def _publish(self, key, kind, params, config_hash, inputs, final, tmp, info, seconds) -> dict:
+        """Write the manifest of the finished temp directory `tmp` and rename it to `final`."""
+        parent, base = os.path.split(final)
+        manifest = {"stage": key, "kind": kind, "config_hash": config_hash, "params": params,
+                    "inputs": inputs, "digest": digest_dir(tmp), "files": _record_files(tmp),
+                    "seconds": round(seconds, 3), "info": info}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if os.path.exists(final):
+            old_dir = os.path.join(parent, f".old-{base}-{os.getpid()}")
+            shutil.rmtree(old_dir, ignore_errors=True)
+            os.rename(final, old_dir)
+            os.rename(tmp, final)
+            shutil.rmtree(old_dir, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(parent)
+        return manifest

@@ -12,7 +12,9 @@
     eval/<m>     greedy decoding + task metric on every task's test set
 
 Every stage reads its inputs from disk, so a resumed run computes the same values as an
-uninterrupted one. Every training stage ends with the run-time freeze check (train.py).
+uninterrupted one. Every training stage ends with the run-time freeze check (train.py). In a
+multi-process launch (dist.py) the training stages are collective (every rank trains, rank 0
+writes) and every other stage runs on rank 0.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from ..fuse import fuse_models
 from ..mask import ParamMask
 from ..overlap import group_tasks, jaccard_matrix, order_stages, plot_overlap
 from ..select import core_region, layer_breakdown
-from .config import Config
+from .config import EXECUTION, Config
 from .evaluate import evaluate
+from .dist import SINGLE, Dist
 from .model import TinyLlamaSpec, build_tiny_llama, load_checkpoint, load_hub_model, save_checkpoint
 from .run import Run, StageOut
 from .judge import Judge
@@ -95,35 +98,59 @@ class Env:
         return "/".join((f"seed{self.seed}",) + parts)
 
     def spec(self, epochs: float) -> TrainSpec:
-        t = self.cfg["train"]
-        return TrainSpec(epochs=float(epochs), batch_size=int(t["batch_size"]), lr=float(t["lr"]),
-                         weight_decay=float(t["weight_decay"]), warmup_ratio=float(t["warmup_ratio"]),
-                         max_grad_norm=float(t["max_grad_norm"]), max_len=int(t["max_len"]),
-                         chat_template=self.cfg["data"]["chat_template"])
+        return train_spec(self.cfg, epochs, float(self.cfg["train"]["lr"]), self.cfg["data"]["chat_template"])
 
     def data_params(self, names: list[str]) -> dict:
-        """The settings that determine the training data of `names` (for stage hashes)."""
+        """The settings that determine the training data of `names` (for stage hashes; how a step is
+        computed — config.EXECUTION — is not hashed)."""
         specs = {t.name: vars(t) for t in self.cfg.tasks}
-        optim = {k: v for k, v in self.cfg["train"].items() if k != "epochs"}  # epochs: given per stage
+        optim = {k: v for k, v in self.cfg["train"].items() if k != "epochs" and k not in EXECUTION}
         return {"seed": self.seed, "tasks": [specs[n] for n in names], "train": optim,
                 "chat_template": self.cfg["data"]["chat_template"]}
 
 
+def train_spec(cfg: Config, epochs: float, lr: float, chat_template: str = "auto") -> TrainSpec:
+    """The config's train settings with this stage's budget and learning rate."""
+    t = cfg["train"]
+    return TrainSpec(epochs=float(epochs), batch_size=int(t["batch_size"]), lr=lr,
+                     weight_decay=float(t["weight_decay"]), warmup_ratio=float(t["warmup_ratio"]),
+                     max_grad_norm=float(t["max_grad_norm"]), max_len=int(t["max_len"]), chat_template=chat_template,
+                     micro_batch_size=t["micro_batch_size"], gradient_checkpointing=bool(t["gradient_checkpointing"]))
+
+
 # ----- model I/O --------------------------------------------------------------------------------
 
-def load_model(stage: StageOut, dtype: str = "float32"):
-    """The model a stage wrote (or the hub model a base stage points to) and its tokenizer."""
+def load_model(stage: StageOut, dtype: str = "float32", dist: Dist = SINGLE):
+    """The model a stage wrote (or the hub model a base stage points to) and its tokenizer. With
+    ``dist.strategy == "fsdp"`` every rank calls it and gets its FSDP2 shards (train.py)."""
     src = os.path.join(stage.path, SOURCE_FILE)
+    shards = dist.world if dist.strategy == "fsdp" else None
     if os.path.exists(src):
         with open(src) as f:
-            return load_hub_model(json.load(f)["model"], dtype=getattr(torch, dtype))
-    return load_checkpoint(stage.path)
+            return load_hub_model(json.load(f)["model"], dtype=getattr(torch, dtype), fsdp_size=shards)
+    return load_checkpoint(stage.path, fsdp_size=shards)
 
 
-def _save_trained(model, tok, out: str, result: dict) -> dict:
-    save_checkpoint(model, tok, out)
-    _dump(result["loss"], os.path.join(out, "loss.json"))
-    return {"steps": result["steps"], "frozen_checked": result["frozen_checked"]}
+def _sharded(model, tok, path: str, dist: Dist):
+    """`model` sharded over the ranks (FSDP2, as load_model shards) and `tok` as it is: rank 0
+    writes the model to `path`, every rank loads its shards, rank 0 removes `path`."""
+    def write():
+        os.makedirs(path)
+        save_checkpoint(model, tok, path)
+    dist.on_main(write)
+    sharded, _ = dist.together(lambda: load_checkpoint(path, fsdp_size=dist.world))
+    dist.on_main(lambda: shutil.rmtree(path))
+    return sharded, tok
+
+
+def _trained(run: Run, out: str, result: dict) -> dict:
+    """Write a training stage's loss.json (rank 0: train() wrote the checkpoint) and return its
+    manifest info."""
+    if run.dist.is_main:
+        _dump(result["loss"], os.path.join(out, "loss.json"))
+    return {"steps": result["steps"], "frozen_checked": result["frozen_checked"],
+            "frozen_checked_per_rank": result["frozen_checked_per_rank"], "processes": run.dist.world,
+            "distributed": run.dist.strategy}
 
 
 def _union(core: StageOut, names: list[str]) -> ParamMask | None:
@@ -154,17 +181,15 @@ def base_stage(cfg: Config, run: Run) -> StageOut:
                              num_heads=model_cfg["num_heads"], intermediate_size=model_cfg["intermediate_size"],
                              max_positions=max(64, int(cfg["train"]["max_len"])))
         model, tok = build_tiny_llama(spec, seed=cfg["seed"])
-        t = cfg["train"]
-        tspec = TrainSpec(epochs=float(pre["epochs"]), batch_size=int(t["batch_size"]), lr=float(pre["lr"]),
-                          weight_decay=float(t["weight_decay"]), warmup_ratio=float(t["warmup_ratio"]),
-                          max_grad_norm=float(t["max_grad_norm"]), max_len=int(t["max_len"]))
+        parameters = sum(p.numel() for p in model.parameters())
+        if run.dist.strategy == "fsdp":  # sharded as it is loaded: through a checkpoint of the new model
+            model, tok = _sharded(model, tok, os.path.join(out, ".init"), run.dist)
+        tspec = train_spec(cfg, float(pre["epochs"]), float(pre["lr"]))
         result = train(model, tok, pretraining_mix(int(pre["examples"]), cfg["seed"]), tspec, seed=cfg["seed"],
-                       desc="pretrain base", progress=bool(cfg["progress"]))
-        info = _save_trained(model, tok, out, result)
-        info["parameters"] = sum(p.numel() for p in model.parameters())
-        return info
+                       desc="pretrain base", progress=bool(cfg["progress"]), dist=run.dist, out=out)
+        return {**_trained(run, out, result), "parameters": parameters}
 
-    return run.stage("base", "base", params, [], fn, seed=cfg["seed"])
+    return run.stage("base", "base", params, [], fn, seed=cfg["seed"], collective=model_cfg["source"] == "tiny")
 
 
 def sft_stage(env: Env, key: str, kind: str, init: StageOut, examples_of: list[str], epochs: float,
@@ -177,15 +202,14 @@ def sft_stage(env: Env, key: str, kind: str, init: StageOut, examples_of: list[s
     deps = [init] + ([frozen[0]] if frozen else [])
 
     def fn(out):
-        model, tok = load_model(init, env.cfg["model"]["dtype"])
+        model, tok = load_model(init, env.cfg["model"]["dtype"], env.run.dist)
         data = examples if examples is not None else [ex for n in examples_of for ex in env.tasks[n].train]
         mask = _union(frozen[0], frozen[1]) if frozen and frozen[1] else None
-        result = train(model, tok, data, env.spec(epochs), frozen=mask, seed=env.seed, desc=key, progress=env.progress)
-        info = _save_trained(model, tok, out, result)
-        info["tasks"] = examples_of
-        return info
+        result = train(model, tok, data, env.spec(epochs), frozen=mask, seed=env.seed, desc=key, progress=env.progress,
+                       dist=env.run.dist, out=out)
+        return {**_trained(env.run, out, result), "tasks": examples_of}
 
-    return env.run.stage(key, kind, params, deps, fn, seed=env.seed)
+    return env.run.stage(key, kind, params, deps, fn, seed=env.seed, collective=True)
 
 
 def epi_stage(env: Env, method: str, init: StageOut, policy: str) -> StageOut:
@@ -202,18 +226,19 @@ def epi_stage(env: Env, method: str, init: StageOut, policy: str) -> StageOut:
     params = {"data": env.data_params(names), "epochs": epochs, "model": env.cfg["model"]["dtype"], "epi": asdict(epi)}
 
     def fn(out):
-        model, tok = load_model(init, env.cfg["model"]["dtype"])
+        model, tok = load_model(init, env.cfg["model"]["dtype"], env.run.dist)
         data = [ex for n in names for ex in env.tasks[n].train]
         tasks = [n for n in names for _ in env.tasks[n].train]
         result = train(model, tok, data, env.spec(epochs), seed=env.seed, desc=key, progress=env.progress, epi=epi,
-                       tasks=tasks)
-        info = _save_trained(model, tok, out, result)
-        _dump({"settings": asdict(epi), "steps": result["steps"], "state_bytes": result["state_bytes"],
-               "log": result["drift"]}, os.path.join(out, DRIFT_FILE))
-        info.update(tasks=names, refreshes=len({r["step"] for r in result["drift"]}), state_bytes=result["state_bytes"])
-        return info
+                       tasks=tasks, dist=env.run.dist, out=out)
+        if env.run.dist.is_main:
+            _dump({"settings": asdict(epi), "steps": result["steps"], "state_bytes": result["state_bytes"],
+                   "log": result["drift"]}, os.path.join(out, DRIFT_FILE))
+        return {**_trained(env.run, out, result), "tasks": names, "state_bytes": result["state_bytes"],
+                "state_bytes_per_rank": result["state_bytes_per_rank"],
+                "refreshes": len({r["step"] for r in result["drift"]})}
 
-    return env.run.stage(key, "stages", params, [init], fn, seed=env.seed)
+    return env.run.stage(key, "stages", params, [init], fn, seed=env.seed, collective=True)
 
 
 def probe_stage(env: Env, base: StageOut, task: str) -> StageOut:

@@ -14,6 +14,9 @@ files untouched.
 The sweep report ``runs/NAME/sweep/report.md`` (+ ``sweep.json``) tabulates each method's
 average 0–10 score per point and the mean pairwise core overlap (Jaccard), and plots score vs
 the swept value (paper Fig. 2) and, when ``cpift.p`` is swept, core overlap vs p.
+
+Under torchrun / accelerate launch every process runs the sweep; rank 0 alone links the point
+directories and writes the sweep report (dist.py).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import tempfile
 import yaml
 
 from .config import Config, ConfigError, load_config
+from .dist import setup as setup_dist
 from .driver import run_pipeline
 from .report import _mean_std, _savefig, results_rows
 from .methods import LABELS
@@ -121,16 +125,20 @@ def run_sweep(config, items: list[str], runs_dir: str = "runs", name: str | None
         except ConfigError as exc:
             raise ConfigError(f"sweep point {_label(point)}: {exc}") from None
     root = os.path.join(runs_dir, name or cfgs[0].name, "sweep")
-    os.makedirs(root, exist_ok=True)
+    dist = setup_dist(cfgs[0]["distributed"])
+    dist.on_main(lambda: os.makedirs(root, exist_ok=True))
     out = {"axes": [[k, v] for k, v in axes], "points": [], "root": os.path.abspath(root)}
     prev = None
     for point, cfg in zip(points, cfgs):
         label = _label(point)
         here = os.path.join(root, label)
-        if prev is not None and not os.path.exists(here):
-            _link_tree(prev, here)
+        if prev is not None:
+            def link(src=prev, dst=here):
+                if not os.path.exists(dst):
+                    _link_tree(src, dst)
+            dist.on_main(link)
         cfg.raw["name"] = label
-        if cfg["progress"]:
+        if cfg["progress"] and dist.is_main:
             print(f"=== sweep point {label} ===", flush=True)
         res = run_pipeline(cfg, runs_dir=root, seeds=seeds, write_report=False)
         first_seed = min(res["seeds"])
@@ -144,7 +152,7 @@ def run_sweep(config, items: list[str], runs_dir: str = "runs", name: str | None
             "cached": sum(1 for _, s, _ in res["stage_log"] if s == "cached"),
             "seconds": res["seconds"]})
         prev = here
-    out["report"] = write_sweep_report(out)
+    out["report"] = dist.on_main(lambda: write_sweep_report(out))
     return out
 
 
