@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ._common import FP_OPTIONS, KernelSpec, round_f32_to, to_f32
 from ._launch import _align, _at, _block_table, _buckets, _constants, _offsets, _table
-from .importance import QBLOCK, ROWS, _ema_tile, _hash32, _tensor_seed, scale_of
+from .importance import QBLOCK, ROWS, _ema_tile, _hash32, _tensor_seed, _tile, scale_of
 
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _E_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.uint8: tl.uint8}  # EMA state
@@ -54,12 +54,19 @@ def _trainable_lanes(blk_tensor_ptr, blk_start_ptr, numel_ptr, w_ptrs, HAS_MASK:
     start = tl.multiple_of(tl.load(blk_start_ptr + pid), BLOCK)  # int64; blocks start at multiples of BLOCK
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numel_ptr + t)
-    lanes = offs < numel
+    return t, offs, _clear_bits(w_ptrs, t, offs, offs < numel, HAS_MASK), start + BLOCK <= numel
+
+
+@triton.jit
+def _clear_bits(w_ptrs, t, offs, inside, HAS_MASK: tl.constexpr):
+    """The lanes `inside` whose frozen bit (bit offs % 32 of word offs // 32 of tensor t's words) is
+    clear; all of `inside` without a mask."""
     if HAS_MASK:
         words = tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32))
-        word = tl.load(words + (offs >> 5), mask=lanes, other=0).to(tl.uint32, bitcast=True)
-        lanes = lanes & (((word >> (offs & 31).to(tl.uint32)) & 1) == 0)
-    return t, offs, lanes, start + BLOCK <= numel
+        word = tl.load(words + (offs >> 5), mask=inside, other=0).to(tl.uint32, bitcast=True)
+        return inside & (((word >> (offs & 31).to(tl.uint32)) & 1) == 0)
+    else:
+        return inside
 
 
 @triton.jit
@@ -150,11 +157,7 @@ def _masked_adamw_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_base, g_bas
     offs = start + tl.arange(0, BLOCK)
     numel = tl.load(numel_ptr + t)
     inside = offs < numel
-    write = inside
-    if HAS_MASK:
-        words = tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32))
-        word = tl.load(words + (offs >> 5), mask=inside, other=0).to(tl.uint32, bitcast=True)
-        write = write & (((word >> (offs & 31).to(tl.uint32)) & 1) == 0)
+    write = _clear_bits(w_ptrs, t, offs, inside, HAS_MASK)
     write = tl.where(tl.load(found_inf_ptr) == 0.0, write, False)  # GradScaler's inf/NaN: nothing changes
     p_ptr = _at(p_base, p_offs, t, P_ALIGN)
     g_ptr = _at(g_base, g_offs, t, P_ALIGN)
@@ -188,19 +191,9 @@ def _masked_adamw_ema_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, p_base, g
     """The AdamW step and the importance EMA (kernels/importance.py's tile) of ROWS × QBLOCK elements:
     each row one 8-bit scale block. A nonzero found_inf returns before anything is stored."""
     if tl.load(found_inf_ptr) == 0.0:
-        pid = tl.program_id(0)
-        t = tl.load(blk_tensor_ptr + pid)
-        start = tl.multiple_of(tl.load(blk_start_ptr + pid), ROWS * QBLOCK)  # int64, a multiple of the block
-        row = tl.arange(0, ROWS)
-        offs = start + row[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-        numel = tl.load(numel_ptr + t)
-        rows = (start // QBLOCK) + row
+        t, start, offs, numel, rows = _tile(blk_tensor_ptr, blk_start_ptr, numel_ptr, ROWS, QBLOCK)
         inside = offs < numel
-        write = inside
-        if HAS_MASK:
-            words = tl.load(w_ptrs + t).to(tl.pointer_type(tl.int32))
-            word = tl.load(words + (offs >> 5), mask=inside, other=0).to(tl.uint32, bitcast=True)
-            write = write & (((word >> (offs & 31).to(tl.uint32)) & 1) == 0)
+        write = _clear_bits(w_ptrs, t, offs, inside, HAS_MASK)
         p_ptr = _at(p_base, p_offs, t, P_ALIGN)
         g_ptr = _at(g_base, g_offs, t, P_ALIGN)
         m_ptr = _at(m_base, m_offs, t, S_ALIGN)

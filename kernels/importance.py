@@ -123,6 +123,17 @@ def _load_gp(g_ptr, p_ptr, offs, inside, grad_scale, FULL: tl.constexpr):
     return tl.div_rn(g, grad_scale), p
 
 
+@triton.jit
+def _tile(blk_tensor_ptr, blk_start_ptr, numel_ptr, ROWS: tl.constexpr, QBLOCK: tl.constexpr):
+    """This program's (tensor index, first element, (ROWS, QBLOCK) element offsets, the tensor's size,
+    scale-block index of each row); the offsets are int64 (tensors may pass 2^31 elements)."""
+    t = tl.load(blk_tensor_ptr + tl.program_id(0))
+    start = tl.multiple_of(tl.load(blk_start_ptr + tl.program_id(0)), ROWS * QBLOCK)  # a multiple of the block
+    row = tl.arange(0, ROWS)
+    offs = start + row[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
+    return t, start, offs, tl.load(numel_ptr + t), (start // QBLOCK) + row
+
+
 @triton.jit(do_not_specialize=["signal"])
 def _importance_ema_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, s_base, sc_base, g_base, p_base, s_offs,
                            sc_offs, g_offs, p_offs, seed_ptr, grad_scale_ptr, found_inf_ptr, beta, one_minus_beta,
@@ -131,13 +142,7 @@ def _importance_ema_kernel(blk_tensor_ptr, blk_start_ptr, numel_ptr, s_base, sc_
     """GradScaler's found_inf and scale are arguments (no specialization); a nonzero found_inf
     returns before anything is stored."""
     if tl.load(found_inf_ptr) == 0.0:
-        pid = tl.program_id(0)
-        t = tl.load(blk_tensor_ptr + pid)
-        start = tl.multiple_of(tl.load(blk_start_ptr + pid), ROWS * QBLOCK)  # int64, a multiple of the block
-        row = tl.arange(0, ROWS)
-        offs = start + row[:, None] * QBLOCK + tl.arange(0, QBLOCK)[None, :]
-        numel = tl.load(numel_ptr + t)
-        rows = (start // QBLOCK) + row
+        t, start, offs, numel, rows = _tile(blk_tensor_ptr, blk_start_ptr, numel_ptr, ROWS, QBLOCK)
         s_ptr = _at(s_base, s_offs, t, S_ALIGN)
         g_ptr = _at(g_base, g_offs, t, P_ALIGN)
         p_ptr = _at(p_base, p_offs, t, P_ALIGN)
