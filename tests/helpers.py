@@ -18,6 +18,21 @@ def forced(backend: str):
             os.environ["CPIFT_BACKEND"] = old
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run a block on one intra-op thread (as a worker started with OMP_NUM_THREADS=1 does), restoring the
+    previous count after. Matmul reductions split over threads sum in a thread-count-dependent order, so a
+    reference meant to equal such a worker bit for bit must be computed this way."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def set_config_value(path: str, value):
     """A function that sets the dotted config key `path` to `value` in a config dict (creating parents)."""
     def change(cfg):
