@@ -12,8 +12,8 @@ key, found by radix select without ever concatenating the diffs:
 3. a last pass writes the mask bits: key > T, plus the first elements with key == T in
    (tensor order, flat index) order until exactly k are selected.
 
-A tensor whose largest key lies below bucket b (known from pass 1) is not read again. The
-histogram passes hand runs of consecutive pairs (up to 2M elements; a larger pair alone) to one list-op call, which splits them over the threads as one work list: hundreds of small
+A tensor whose largest key lies below bucket b (known from pass 1) is not read again. Every
+pass hands runs of consecutive pairs (up to 2M elements; a larger pair alone) to one list-op call, which splits them over the threads as one work list: hundreds of small
 tensors cost one parallel pass, not one fixed cost (and one thread) each. Working memory: the
 histograms (0.25 + 0.5 MB), one run of pairs and one tensor's mask words, besides the N/8-byte result.
 
@@ -78,7 +78,7 @@ DEFAULT_LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)
 _NONFINITE_BIN = 0x7F80  # level-0 bins >= this hold Inf/NaN keys
 _ALL = 2**63 - 1         # tie budget meaning "every tie"
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BATCH_ELEMENTS = 1 << 21  # elements per histogram call (a run of pairs: 8 MB of bf16 pairs; a larger pair alone)
+_BATCH_ELEMENTS = 1 << 21  # elements per kernel call (a run of pairs: 8 MB of bf16 pairs; a larger pair alone)
 
 
 @dataclass
@@ -423,12 +423,17 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
         ties = dict.fromkeys(names, 0)
         left = budget
         reach = [name for name, top in zip(names, top_bin) if top >= threshold >> 16]  # else the words stay zero
-        for name, a, b in pairs.stream(reach, keep=single):
-            w, n_eq = ops.select_mask(a, b, threshold, 0 if distributed_ties else left)
-            ties[name] = int(n_eq)
-            _store(words, offset_of[name], w)
-            left -= min(left, ties[name])
-            bar.update(1)
+        for batch in _batches(pairs.stream(reach, keep=single)):
+            w, n_eq = ops.select_mask([a for _, a, _ in batch], [b for _, _, b in batch], threshold,
+                                      0 if distributed_ties else left)
+            start = 0
+            for (name, a, _), eq in zip(batch, n_eq.tolist()):
+                nwords = (a.numel() + 31) // 32
+                _store(words, offset_of[name], w[start:start + nwords])
+                start += nwords
+                ties[name] = eq
+                left -= min(left, eq)
+            bar.update(len(batch))
         bar.update(len(names) - len(reach))
         counts = [ties[name] for name in names]
         if distributed_ties:
@@ -456,7 +461,7 @@ def _distribute_ties(names, offsets, pairs: _Pairs, words, threshold, budget, co
             left -= take
             if r == rank and take:
                 a, b = pairs.get(name)
-                w, _ = ops.select_mask(a, b, threshold, take)
+                w, _ = ops.select_mask([a], [b], threshold, take)
                 _store(words, off, w)
 
 

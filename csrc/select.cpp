@@ -9,9 +9,10 @@
 //   level 0: hist[32768], bin = key >> 16, over every nonzero key;
 //   level 1: hist[65536], bin = key & 0xffff, over nonzero keys with key >> 16 == prefix;
 //   top[t]: the highest nonempty bin of pair t alone (-1: none).
-// select_mask(base, tuned, threshold, tie_budget) -> (int32 words, int64 n_eq):
-//   bit i set iff key > threshold, or key == threshold and i is among the first tie_budget such
-//   elements in flat order; n_eq = number of elements with key == threshold.
+// select_mask(base[], tuned[], threshold, tie_budget) -> (int32 words, int64 n_eq[T]):
+//   words: each pair's ceil(n / 32) mask words, concatenated in list order; bit i of a pair set iff
+//   key > threshold, or key == threshold and the element is among the first tie_budget such
+//   elements in (pair, flat index) order; n_eq[t] = elements of pair t with key == threshold.
 #include "common.h"
 
 #include <bit>
@@ -27,12 +28,9 @@ namespace {
 
 constexpr int64_t kKeyBlock = 512;            // keys computed into a stack buffer at a time
 constexpr int64_t kChunk = 1 << 16;           // elements per work chunk (multiple of 32)
-// Elements per thread task: below this a tensor runs on one thread. Large on purpose: every
-// parallel region costs a thread wake-up, and on an oversubscribed machine a descheduled thread
-// stalls the whole region; a model has hundreds of small tensors.
-constexpr int64_t kParallelGrain = 1 << 22;
-// Elements per thread of a whole-list pass (select_histogram): one parallel region per call, so
-// it can be much smaller than kParallelGrain.
+// Elements per thread task of a pass: below this a call runs on one thread. Every parallel region
+// costs a thread wake-up (on an oversubscribed machine a descheduled thread stalls the region), so
+// the ops take lists of pairs and open one region per call, whatever the tensor sizes.
 constexpr int64_t kListGrain = 1 << 18;
 constexpr int64_t kFlush = int64_t(1) << 30;  // flush uint32 per-thread counts before they can wrap
 constexpr int64_t kBins0 = 1 << 15;
@@ -241,29 +239,47 @@ std::tuple<at::Tensor, at::Tensor> select_histogram(at::TensorList base, at::Ten
   return {hist, top};
 }
 
-std::tuple<at::Tensor, at::Tensor> select_mask(const at::Tensor& base, const at::Tensor& tuned, int64_t threshold,
+std::tuple<at::Tensor, at::Tensor> select_mask(at::TensorList base, at::TensorList tuned, int64_t threshold,
                                                int64_t tie_budget) {
-  check_pair(base, tuned, "select_mask");
+  TORCH_CHECK(base.size() == tuned.size(), "select_mask: ", base.size(), " base tensors but ", tuned.size(), " tuned");
   TORCH_CHECK(threshold >= 1 && threshold <= 0x7fffffffLL, "select_mask: threshold must be a positive key, got ",
               threshold);
   TORCH_CHECK(tie_budget >= 0, "select_mask: tie_budget must be >= 0, got ", tie_budget);
-  const int64_t n = base.numel();
-  at::Tensor words = at::empty({(n + 31) / 32}, base.options().dtype(at::kInt));
-  at::Tensor n_eq = at::zeros({}, base.options().dtype(at::kLong));
-  if (n == 0) return {words, n_eq};
-  const at::Tensor a = base.contiguous(), b = tuned.contiguous();
+  const int64_t T = static_cast<int64_t>(base.size());
+  // The work list: chunks of kChunk elements (a multiple of 32, so a chunk owns whole words) over
+  // every pair; pair t's words start at word_offset[t] of the one output.
+  std::vector<at::Tensor> a(T), b(T);
+  std::vector<int64_t> word_offset(T + 1, 0), chunk_tensor, chunk_begin;
+  for (int64_t t = 0; t < T; ++t) {
+    check_pair(base[t], tuned[t], "select_mask", t);
+    a[t] = base[t].contiguous();
+    b[t] = tuned[t].contiguous();
+    word_offset[t + 1] = word_offset[t] + (a[t].numel() + 31) / 32;
+    for (int64_t s = 0; s < a[t].numel(); s += kChunk) {
+      chunk_tensor.push_back(t);
+      chunk_begin.push_back(s);
+    }
+  }
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  at::Tensor words = at::empty({word_offset[T]}, opts.dtype(at::kInt));
+  at::Tensor n_eq = at::zeros({T}, opts);
+  const int64_t nchunks = static_cast<int64_t>(chunk_tensor.size());
+  if (nchunks == 0) return {words, n_eq};
   const uint32_t thr = static_cast<uint32_t>(threshold);
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
   std::vector<int64_t> eq_per_chunk(nchunks, 0);
-  int32_t* w = words.data_ptr<int32_t>();
+  int32_t* out = words.data_ptr<int32_t>();
 
-  dispatch_dtype(a.scalar_type(), [&](auto tag) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    const T* pa = a.data_ptr<T>();
-    const T* pb = b.data_ptr<T>();
-    // keep_ties(c, keep): within chunk c, ties of rank >= keep (0-based, flat order) lose their bit.
-    auto process = [&](int64_t c, bool first_pass, int64_t keep) {
-      const int64_t s0 = c * kChunk, s1 = std::min(n, s0 + kChunk);
+  // first_pass: write gt | eq bits and count the ties; else drop the ties of rank >= keep (0-based,
+  // flat order within the chunk).
+  auto process = [&](int64_t c, bool first_pass, int64_t keep) {
+    const int64_t t = chunk_tensor[c];
+    const int64_t n = a[t].numel();
+    const int64_t s0 = chunk_begin[c], s1 = std::min(n, s0 + kChunk);
+    int32_t* w = out + word_offset[t];
+    dispatch_dtype(a[t].scalar_type(), [&](auto tag) {
+      using S = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+      const S* pa = a[t].data_ptr<S>();
+      const S* pb = b[t].data_ptr<S>();
       uint32_t keys[kKeyBlock];
       int64_t eq_seen = 0;
       for (int64_t s = s0; s < s1; s += kKeyBlock) {
@@ -288,26 +304,28 @@ std::tuple<at::Tensor, at::Tensor> select_mask(const at::Tensor& base, const at:
         }
       }
       if (first_pass) eq_per_chunk[c] = eq_seen;
-    };
-    at::parallel_for(0, nchunks, kParallelGrain / kChunk, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) process(c, true, 0);
     });
-    // Hand out the tie budget in flat order; chunks past it drop (some of) their ties.
-    std::vector<int64_t> keep(nchunks, -1);  // -1: leave the chunk as written
-    int64_t left = tie_budget, total = 0;
-    for (int64_t c = 0; c < nchunks; ++c) {
-      total += eq_per_chunk[c];
-      if (eq_per_chunk[c] > left) keep[c] = left;
-      left -= std::min(left, eq_per_chunk[c]);
-    }
-    n_eq.fill_(total);
-    if (total > tie_budget) {
-      at::parallel_for(0, nchunks, kParallelGrain / kChunk, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c)
-          if (keep[c] >= 0) process(c, false, keep[c]);
-      });
-    }
+  };
+  const int64_t grain = std::max<int64_t>(1, kListGrain / kChunk);
+  at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) process(c, true, 0);
   });
+  // Hand out the tie budget in (pair, flat index) order; chunks past it drop (some of) their ties.
+  std::vector<int64_t> keep(nchunks, -1);  // -1: leave the chunk as written
+  int64_t left = tie_budget, total = 0;
+  int64_t* eq_out = n_eq.data_ptr<int64_t>();
+  for (int64_t c = 0; c < nchunks; ++c) {
+    eq_out[chunk_tensor[c]] += eq_per_chunk[c];
+    total += eq_per_chunk[c];
+    if (eq_per_chunk[c] > left) keep[c] = left;
+    left -= std::min(left, eq_per_chunk[c]);
+  }
+  if (total > tie_budget) {
+    at::parallel_for(0, nchunks, grain, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        if (keep[c] >= 0) process(c, false, keep[c]);
+    });
+  }
   return {words, n_eq};
 }
 

@@ -99,19 +99,29 @@ def select_histogram(base: list[torch.Tensor], tuned: list[torch.Tensor], level:
     return hist, torch.cat(tops)
 
 
-def select_mask(base: torch.Tensor, tuned: torch.Tensor, threshold: int, tie_budget: int):
-    a, b = _flat(base), _flat(tuned)
-    n = a.numel()
-    nwords = (n + 31) // 32
-    words = torch.empty(nwords, dtype=torch.int32, device=a.device)
-    if n == 0:
-        return words, torch.zeros((), dtype=torch.int64, device=a.device)
-    grid = (triton.cdiv(nwords, MASK_WORDS),)
-    counts = torch.empty(grid[0], dtype=torch.int64, device=a.device)
-    _tie_count_kernel[grid](a, b, counts, n, threshold, WORDS=MASK_WORDS, **FP_OPTIONS)
-    tie_offset = torch.cumsum(counts, 0) - counts
-    _mask_kernel[grid](a, b, words, tie_offset, n, nwords, threshold, tie_budget, WORDS=MASK_WORDS, **FP_OPTIONS)
-    return words, counts.sum()
+def select_mask(base: list[torch.Tensor], tuned: list[torch.Tensor], threshold: int, tie_budget: int):
+    """Tie counts of every pair's blocks first, one cumsum over all of them (the tie rank offsets
+    across the whole list), then the mask launches: no host sync between pairs."""
+    device = base[0].device if len(base) else torch.device("cpu")
+    pairs = [(_flat(a), _flat(b)) for a, b in zip(base, tuned)]
+    nwords = [(a.numel() + 31) // 32 for a, _ in pairs]
+    words = torch.empty(sum(nwords), dtype=torch.int32, device=device)
+    counts = []
+    for (a, b), nw in zip(pairs, nwords):
+        c = torch.zeros(triton.cdiv(nw, MASK_WORDS), dtype=torch.int64, device=device)
+        if nw:
+            _tie_count_kernel[(c.numel(),)](a, b, c, a.numel(), threshold, WORDS=MASK_WORDS, **FP_OPTIONS)
+        counts.append(c)
+    flat = torch.cat([torch.empty(0, dtype=torch.int64, device=device), *counts])
+    offsets = (torch.cumsum(flat, 0) - flat).split([c.numel() for c in counts])
+    start = 0
+    for (a, b), nw, offset in zip(pairs, nwords, offsets):
+        if nw:
+            _mask_kernel[(offset.numel(),)](a, b, words[start:start + nw], offset, a.numel(), nw, threshold,
+                                            tie_budget, WORDS=MASK_WORDS, **FP_OPTIONS)
+        start += nw
+    n_eq = torch.stack([c.sum() for c in counts]) if counts else flat
+    return words, n_eq
 
 
 _PTR = {"float32": "*fp32", "bfloat16": "*bf16", "float16": "*fp16"}

@@ -104,10 +104,18 @@ def test_ops_agree_across_backends(backend):
     hist, top = ops.select_histogram(bases, tuneds, 0, 0)
     assert int(hist[0x7F80:].sum()) == 2 and top[0] >= 0x7F80 and top[1] < 0x7F80 and top[2:4].tolist() == [-1, -1]
     assert ops.select_histogram([], [], 0, 0)[1].numel() == 0
-    for threshold, budget in [(0x3F800000, 0), (0x3F800000, 17), (0x3F800000, 2**63 - 1), (1, 5)]:
-        words, n_eq = ops.select_mask(a, b, threshold, budget)
-        ref_words, ref_eq = ops.select_mask.reference(a, b, threshold, budget)
-        assert torch.equal(words, ref_words) and int(n_eq) == int(ref_eq)
+    for threshold, budget in [(0x3F800000, 0), (0x3F800000, 17), (0x3F800000, 2**63 - 1), (1, 5), (1, 4100)]:
+        words, n_eq = ops.select_mask(bases, tuneds, threshold, budget)
+        ref_words, ref_eq = ops.select_mask.reference(bases, tuneds, threshold, budget)
+        assert torch.equal(words, ref_words) and torch.equal(n_eq, ref_eq), (threshold, budget)
+    # the list's bits are the pairs' bits, each pair taking the ties the earlier ones left
+    words, n_eq = ops.select_mask(bases, tuneds, 1, 4100)
+    alone, left = [], 4100
+    for x, y in zip(bases, tuneds):
+        w, eq = ops.select_mask.reference([x], [y], 1, left)
+        alone.append(w)
+        left -= min(left, int(eq))
+    assert torch.equal(words, torch.cat(alone)) and n_eq.numel() == len(bases)
 
 
 def test_reference_concat_topk_equals_oracle():
@@ -344,7 +352,7 @@ def test_tensors_below_the_threshold_are_not_reread(monkeypatch):
     real_mask = ops.select_mask
 
     def spy(a, b, threshold, budget):
-        seen.append(a.numel())
+        seen.extend(t.numel() for t in a)
         return real_mask(a, b, threshold, budget)
 
     monkeypatch.setattr(ops, "select_mask", spy)

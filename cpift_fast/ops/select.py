@@ -31,22 +31,26 @@ def _check_pair(op: str, base: torch.Tensor, tuned: torch.Tensor, index: int | N
 
 
 def _check_histogram(base, tuned, level: int, prefix: int) -> None:
-    if len(base) != len(tuned):
-        raise ValueError(f"select_histogram: {len(base)} base tensors but {len(tuned)} tuned")
-    for i, (a, b) in enumerate(zip(base, tuned)):
-        _check_pair("select_histogram", a, b, i)
-    if len(base) and len({t.device for t in base}) > 1:
-        raise ValueError(f"select_histogram: all pairs must be on one device, got {sorted({str(t.device) for t in base})}")
+    _check_pairs("select_histogram", base, tuned)
     if level not in (0, 1):
         raise ValueError(f"select_histogram: level must be 0 or 1, got {level}")
     if not 0 <= prefix < SELECT_BINS[0]:
         raise ValueError(f"select_histogram: prefix must be in [0, {SELECT_BINS[0]}), got {prefix}")
 
 
+def _check_pairs(op: str, base, tuned) -> None:
+    if len(base) != len(tuned):
+        raise ValueError(f"{op}: {len(base)} base tensors but {len(tuned)} tuned")
+    for i, (a, b) in enumerate(zip(base, tuned)):
+        _check_pair(op, a, b, i)
+    if len({t.device for t in base}) > 1:
+        raise ValueError(f"{op}: all pairs must be on one device, got {sorted({str(t.device) for t in base})}")
+
+
 def _check_mask(base, tuned, threshold: int, tie_budget: int) -> None:
-    _check_pair("select_mask", base, tuned)
-    if not 0 <= threshold < 2**31:
-        raise ValueError(f"select_mask: threshold must be a key in [0, 2^31), got {threshold}")
+    _check_pairs("select_mask", base, tuned)
+    if not 0 < threshold < 2**31:
+        raise ValueError(f"select_mask: threshold must be a positive key, in [1, 2^31), got {threshold}")
     if tie_budget < 0:
         raise ValueError(f"select_mask: tie_budget must be >= 0, got {tie_budget}")
 
@@ -74,11 +78,17 @@ def _histogram_reference(base: list[torch.Tensor], tuned: list[torch.Tensor], le
     return hist, top
 
 
-def _mask_reference(base: torch.Tensor, tuned: torch.Tensor, threshold: int, tie_budget: int):
-    key = _select_keys(base, tuned)
-    eq = key == threshold
-    keep_tie = eq & (torch.cumsum(eq, 0) <= tie_budget)
-    return _pack_reference((key > threshold) | keep_tie), eq.sum().to(torch.int64)
+def _mask_reference(base: list[torch.Tensor], tuned: list[torch.Tensor], threshold: int, tie_budget: int):
+    device = base[0].device if len(base) else torch.device("cpu")
+    words, n_eq, left = [torch.empty(0, dtype=torch.int32, device=device)], [], tie_budget
+    for a, b in zip(base, tuned):
+        key = _select_keys(a, b)
+        eq = key == threshold
+        keep_tie = eq & (torch.cumsum(eq, 0) <= left)
+        words.append(_pack_reference((key > threshold) | keep_tie))
+        n_eq.append(int(eq.sum()))
+        left -= min(left, n_eq[-1])
+    return torch.cat(words), torch.tensor(n_eq, dtype=torch.int64, device=device)
 
 
 def _histogram_fake(base, tuned, level, prefix):
@@ -88,7 +98,9 @@ def _histogram_fake(base, tuned, level, prefix):
 
 
 def _mask_fake(base, tuned, threshold, tie_budget):
-    return (base.new_empty(((base.numel() + 31) // 32,), dtype=torch.int32), base.new_empty((), dtype=torch.int64))
+    like = base[0] if len(base) else torch.empty(0)
+    nwords = sum((t.numel() + 31) // 32 for t in base)
+    return like.new_empty((nwords,), dtype=torch.int32), like.new_empty((len(base),), dtype=torch.int64)
 
 
 select_histogram = Op("select_histogram(Tensor[] base, Tensor[] tuned, int level, int prefix) -> (Tensor, Tensor)",
@@ -100,8 +112,12 @@ the nonzero keys of every pair; level 0: 32768 bins, bin = key >> 16; level 1: 6
 0xffff, only keys with key >> 16 == prefix. top: int64[len(base)], the highest nonempty bin of each
 pair alone, -1 if it has none (a level-0 top >= 0x7f80 is an Inf/NaN diff)."""
 
-select_mask = Op("select_mask(Tensor base, Tensor tuned, int threshold, int tie_budget) -> (Tensor, Tensor)",
+select_mask = Op("select_mask(Tensor[] base, Tensor[] tuned, int threshold, int tie_budget) -> (Tensor, Tensor)",
                  check=_check_mask, fake=_mask_fake, reference=_mask_reference, triton_module="select")
+select_mask.__doc__ = """(words, n_eq) for a list of (base, tuned) pairs, one pass over all of them. words: int32, each
+pair's ceil(n / 32) mask words concatenated in list order; an element's bit is set iff key >
+threshold, or key == threshold and it is among the first tie_budget such elements in (pair, flat
+index) order. n_eq: int64[len(base)], the elements of each pair with key == threshold."""
 
 
 def core_region_topk(base: list[tuple[str, torch.Tensor]], tuned: list[tuple[str, torch.Tensor]],
