@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -27,7 +26,7 @@ from cpift_fast.pipeline.data import RankBatches, micro_batches, shuffled_batche
 from cpift_fast.pipeline.driver import run_pipeline
 from cpift_fast.pipeline.run import MANIFEST
 
-from helpers import stage_digests
+from helpers import free_port, stage_digests
 from test_pipeline import TINY
 
 # the pipeline tests' TINY (every CPI-FT stage, the baselines, compare_modes, one forgetting pair)
@@ -53,18 +52,12 @@ LAUNCHERS = {  # two processes on this machine
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(launcher: str, cfg: dict, runs: str, tmp_path) -> subprocess.CompletedProcess:
     path = tmp_path / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", CPIFT_BACKEND="cpp")
     env.pop("TRITON_INTERPRET", None)
-    port = [str(_free_port())] if launcher == "accelerate" else []
+    port = [str(free_port())] if launcher == "accelerate" else []
     cmd = LAUNCHERS[launcher] + port + [_cpift(), "run", str(path), "--runs-dir", runs, "--no-progress"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -271,8 +264,8 @@ def _errors_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
     script = ("import sys, torch.multiprocessing as mp; sys.path.insert(0, sys.argv[1]); "
-              "from test_pipeline_distributed import _errors_worker, _free_port; "
-              "mp.spawn(_errors_worker, args=(_free_port(), sys.argv[2]), nprocs=2)")
+              "from test_pipeline_distributed import _errors_worker; from helpers import free_port; "
+              "mp.spawn(_errors_worker, args=(free_port(), sys.argv[2]), nprocs=2)")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(tmp_path)], env=env,
