@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "be finished (else one error naming the missing stage and the command that makes it; "
                         "nothing upstream is computed); finished stages are reused; no report (a plain "
                         "`cpift run` afterwards reuses everything and writes it)")
-    p.add_argument("--task", metavar="NAME", help="with --stage probe: only this task's probe")
+    p.add_argument("--task", metavar="NAME", help="with --stage probe or core: only this task's piece")
     p.add_argument("--seed", type=int, metavar="K", help="with --stage: only seed K's stages")
     p.set_defaults(func=_cmd_run)
     # [issue 12] cpift sweep

@@ -3,7 +3,8 @@ $(which cpift) run CFG` with DDP, `accelerate launch --multi_gpu --num_processes
 run CFG` with FSDP2 and activation checkpointing (both launchers only set the process environment;
 the strategy comes from the config). Every stage — checkpoints, core masks, groups, fused tensors, evaluation results, loss
 curves — is bit-identical to the 1-process run with the same two micro-batches per step (train.py:
-both add the same two micro-batch gradients), frozen elements are checked on every rank, and the
+both add the same two micro-batch gradients), frozen elements are checked on every rank, core
+selection and fusion run on both ranks (each reads and writes its share of the tensors), and the
 run directory holds what one process would have written.
 
 Plus the pieces that need no second process: the step / micro-batch plan, the config checks.
@@ -114,6 +115,9 @@ def test_two_processes_equal_one_bit_for_bit(reference, tmp_path, strategy, laun
         else:  # each rank checked its shards, together every frozen element
             assert sum(per_rank) == info["frozen_checked"] and (info["frozen_checked"] == 0 or min(per_rank) > 0), key
     assert sum(info["frozen_checked"] for info in trained.values()) > 0
+    # core selection and fusion ran on both ranks (each its share of the tensors), not on rank 0 alone
+    sharded = {k: m["info"] for k, m in _manifests(root).items() if "/cores/" in k or k.endswith("fuse")}
+    assert len(sharded) >= 5 and all(info["processes"] == 2 for info in sharded.values()), sharded
 
     with open(os.path.join(root, "base", "config.json")) as f:
         assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
