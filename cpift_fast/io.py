@@ -737,6 +737,8 @@ class GroupShardedWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         from .shard import on_rank0
 
+        if self._tmp is None:  # __enter__ failed (on every rank: its outcome was broadcast): nothing to undo
+            return
         failure = None
         try:
             self._close_files(sync=exc_type is None)

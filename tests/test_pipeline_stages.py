@@ -115,3 +115,6 @@ def test_missing_prerequisite_is_named_with_its_command(cfg_path, tmp_path, caps
     _one_error_line(capsys.readouterr().err, "--stage core needs stage seed0/probe/mirror",
                     f"`cpift run {cfg_path} --stage probe --task mirror` first")
     assert set(stage_digests(os.path.join(runs, "tiny"))) == {"base", "seed0/probe/shift"}
+    # one task's core needs only that task's probe (a Slurm array can chain them with aftercorr)
+    assert main(["run", cfg_path, "--runs-dir", runs, "--stage", "core", "--task", "shift"]) == 0
+    assert set(stage_digests(os.path.join(runs, "tiny"))) == {"base", "seed0/probe/shift", "seed0/cores/shift"}

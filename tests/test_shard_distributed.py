@@ -260,3 +260,25 @@ def test_sharded_fusion_failure_on_one_rank_leaves_nothing(fused_once, tmp_path)
 def test_sharded_fusion_needs_out():
     with pytest.raises(ValueError, match="group= \\(sharded fusion\\) needs out=DIR"):
         fuse_models({"w": torch.zeros(2)}, [{"w": torch.ones(2)}], None, group=object())
+
+
+def _exists_worker(rank, world, out, paths):
+    try:
+        _fuse(paths, out, group=dist.group.WORLD)
+        message = "no error"
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        message = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(os.path.dirname(out), f"error{rank}.txt"), "w") as f:
+        f.write(message)
+
+
+def test_sharded_fusion_refuses_an_existing_output_on_every_rank(fused_once, tmp_path):
+    paths, _, _ = fused_once
+    out = tmp_path / "fused"
+    out.mkdir()
+    (out / "keep").write_text("x")
+    run_ranks(_exists_worker, 2, tmp_path, str(out), paths)
+    assert (tmp_path / "error0.txt").read_text() == f"FileExistsError: {out} exists; pass overwrite=True to replace it"
+    assert (tmp_path / "error1.txt").read_text() == \
+        f"OSError: rank 0 failed: FileExistsError: {out} exists; pass overwrite=True to replace it"
+    assert os.listdir(out) == ["keep"] and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
