@@ -53,8 +53,9 @@ gets the exact global threshold and its part of the global mask; ``shard_by`` sa
   rank; a name's global flat order is rank 0's slice, then rank 1's, ...), e.g. FSDP shards. The
   result is this rank's slices' bits.
 - ``"tensor"``: every rank passes the *same* whole checkpoint (headers identical on every rank,
-  checked) and reads only its share of the tensors (cpift_fast.shard.tensor_shares, balanced by
-  bytes; no other tensor of it is read, mapped or fetched). The result has the full layout with
+  checked) and reads only its share of the tensors: ``tensor_shares(names, [bytes of the base
+  tensor + bytes of the tuned tensor], world)[rank]`` (cpift_fast.shard); no other tensor of it is
+  read, mapped or fetched. The result has the full layout with
   this rank's tensors' bits set and every other tensor's words zero; ``ParamMask.gather(group)``
   (or ``save(path, group=)``) assembles the full mask, which equals the 1-process mask bit for bit
   (ties are taken in (tensor order, flat index) order across ranks: all-gathered tie counts).

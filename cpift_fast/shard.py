@@ -21,6 +21,7 @@ ranks. Bad input raises ``ShardError`` naming the value.
 from __future__ import annotations
 
 import heapq
+import numbers
 from collections.abc import Sequence
 
 
@@ -42,8 +43,9 @@ def tensor_shares(names: Sequence[str], sizes: Sequence[int], world: int) -> lis
         if name in seen:
             raise ShardError(f"tensor_shares: tensor {name!r} appears twice")
         seen.add(name)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 0:
             raise ShardError(f"tensor_shares: tensor {name!r} has size {size!r}; sizes must be integers >= 0")
+    sizes = [int(size) for size in sizes]  # numpy integers too
     owner = [0] * len(names)
     loads = [(0, r) for r in range(world)]  # (total so far, rank): the heap's top is the lightest, lowest rank
     for i in sorted(range(len(names)), key=lambda i: -sizes[i]):  # stable: equal sizes in name order

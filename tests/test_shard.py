@@ -58,3 +58,9 @@ def test_bad_input_is_named(names, sizes, world, message):
         tensor_shares(names, sizes, world)
     assert message in str(err.value)
     assert isinstance(err.value, ValueError)
+
+
+def test_numpy_sizes_are_integers():
+    import numpy as np
+
+    assert tensor_shares(["a", "b"], np.array([3, 5], dtype=np.int64), 2) == [["b"], ["a"]]
