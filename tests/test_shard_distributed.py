@@ -98,7 +98,7 @@ def test_sharded_selection_equals_one_process(tmp_path, world, fraction, mode, s
     out = tmp_path / "out"
     out.mkdir()
     run_ranks(_select_worker, world, tmp_path, str(out), base_dir, tuned_dir, fraction, mode, scope)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), one_thread():  # as the ranks (integer histograms: any thread count agrees)
         warnings.simplefilter("ignore")
         single = core_region(base_dir, tuned_dir, fraction, mode=mode, scope=scope, progress=False)
     assert 0 < single.count() < single.numel

@@ -28,10 +28,11 @@ SBATCH = r'''#!/usr/bin/env bash
 # stub sbatch: record (job id, dependency, array), run the job now, print the id (--parsable)
 set -euo pipefail
 id=$(( $(cat "$STUB_DIR/last_id" 2>/dev/null || echo 100) + 1 )); echo $id > "$STUB_DIR/last_id"
-dep=- array=- wrap= script=
+dep=- array=- wrap= script= part=-
 while (( $# )); do
   case $1 in
     --dependency=*) dep=${1#--dependency=} ;;
+    --partition=*) part=${1#--partition=} ;;
     --array=*) array=${1#--array=} ;;
     --wrap) wrap=$2; shift ;;
     --job-name|--partition|--time|--gres) shift ;;
@@ -40,7 +41,7 @@ while (( $# )); do
   esac
   shift
 done
-echo "$id $dep $array" >> "$STUB_DIR/sbatch.log"
+echo "$id $dep $array $part" >> "$STUB_DIR/sbatch.log"
 if [[ -n $wrap ]]; then
   bash -c "$wrap" >> "$STUB_DIR/jobs.out" 2>&1
 elif [[ $array == - ]]; then
@@ -69,7 +70,8 @@ def _stubs(tmp_path) -> dict:
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     return dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", STUB_DIR=str(tmp_path),
-                PYTHON=sys.executable, CPIFT="cpift", PYTHONPATH=ROOT)
+                PYTHON=sys.executable, CPIFT="cpift", PYTHONPATH=ROOT, SBATCH_ARGS="--partition=gpu --gres=gpu:1",
+                SBATCH_CPU_ARGS="--partition=cpu")
 
 
 def test_submit_runs_the_configs_stage_commands_in_order(tmp_path):
@@ -96,9 +98,12 @@ def test_submit_runs_the_configs_stage_commands_in_order(tmp_path):
     jobs = [line.split() for line in (tmp_path / "sbatch.log").read_text().splitlines()]
     assert len(jobs) == 2 + 1 + len(KINDS) - KINDS.index("core") + 1
     assert jobs[0][1] == "-"
-    for (prev, _, _), (_, dep, _) in zip(jobs, jobs[1:]):  # a chain: each job waits for the one before
+    for (prev, *_), (_, dep, *_) in zip(jobs, jobs[1:]):  # a chain: each job waits for the one before
         assert dep.split(":") in (["afterok", prev], ["aftercorr", prev]), jobs
     assert [j[2] for j in jobs[1:3]] == [f"0-{len(tasks) - 1}"] * 2 and jobs[2][1].startswith("aftercorr:")
+    kinds = ["base", "probe", "core"] + list(KINDS[KINDS.index("core"):]) + ["report"]
+    cpu = {"core", "group", "fuse"}  # SBATCH_CPU_ARGS for the CPU stages, SBATCH_ARGS for the others
+    assert [j[3] for j in jobs] == ["cpu" if k in cpu else "gpu" for k in kinds]
 
 
 def test_array_index_past_the_tasks_is_an_error(tmp_path):

@@ -13,9 +13,11 @@
 # idempotent: resubmitting this script after a failure recomputes only the unfinished stages.
 #
 # Environment: CPIFT (the cpift command; default `cpift`), PYTHON (the Python that has cpift_fast,
-# used to read the task list; default python3), SBATCH_ARGS (extra sbatch options for every job,
-# e.g. "--partition=gpu --time=04:00:00"). Multi-GPU jobs: set CPIFT="torchrun --nproc_per_node 8
-# $(which cpift)" and add --gres=gpu:8 to SBATCH_ARGS (docs/cluster.md).
+# used to read the task list; default python3), SBATCH_ARGS (sbatch options of the GPU jobs — base,
+# probes, stages, consolidate, forgetting, eval, report — e.g. "--partition=gpu --gres=gpu:1
+# --time=04:00:00"), SBATCH_CPU_ARGS (options of the jobs that run on CPUs: the cores, group and
+# fuse; default: SBATCH_ARGS). Multi-GPU jobs: CPIFT="torchrun --nproc_per_node 8 $(which cpift)"
+# with --gres=gpu:8 (docs/cluster.md).
 set -euo pipefail
 
 CFG=${1:?usage: submit.sh CONFIG [RUNS_DIR]}
@@ -23,7 +25,8 @@ RUNS=${2:-runs}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CPIFT=${CPIFT:-cpift}
 PYTHON=${PYTHON:-python3}
-read -r -a EXTRA <<< "${SBATCH_ARGS:-}"
+read -r -a GPU_ARGS <<< "${SBATCH_ARGS:-}"
+read -r -a CPU_ARGS <<< "${SBATCH_CPU_ARGS:-${SBATCH_ARGS:-}}"
 
 # the config's task names, in config order (the same list probes.sbatch indexes)
 mapfile -t TASKS < <("$PYTHON" -c 'import sys
@@ -38,16 +41,17 @@ LAST=$((N - 1))
 echo "submit.sh: $N tasks (${TASKS[*]}); run directory $RUNS"
 
 run() {  # one cpift command as one job: run KIND [dependency]
-  local kind=$1 dep=${2:-}
-  sbatch --parsable "${EXTRA[@]}" --job-name "cpift-${kind:-report}" ${dep:+--dependency=$dep} \
+  local kind=$1 dep=${2:-} args=("${GPU_ARGS[@]}")
+  case $kind in core|group|fuse) args=("${CPU_ARGS[@]}") ;; esac
+  sbatch --parsable "${args[@]}" --job-name "cpift-${kind:-report}" ${dep:+--dependency=$dep} \
     --wrap "$CPIFT run $(printf %q "$CFG") --runs-dir $(printf %q "$RUNS") --no-progress${kind:+ --stage $kind}"
 }
 
 jid=$(run base)
 # the probes: one array task per task; each task's core as soon as its own probe is done (aftercorr)
-jid=$(sbatch --parsable "${EXTRA[@]}" --job-name cpift-probe --array=0-$LAST --dependency=afterok:$jid \
+jid=$(sbatch --parsable "${GPU_ARGS[@]}" --job-name cpift-probe --array=0-$LAST --dependency=afterok:$jid \
       "$HERE/probes.sbatch" "$CFG" "$RUNS" probe "${TASKS[@]}")
-jid=$(sbatch --parsable "${EXTRA[@]}" --job-name cpift-core --array=0-$LAST --dependency=aftercorr:$jid \
+jid=$(sbatch --parsable "${CPU_ARGS[@]}" --job-name cpift-core --array=0-$LAST --dependency=aftercorr:$jid \
       "$HERE/probes.sbatch" "$CFG" "$RUNS" core "${TASKS[@]}")
 for kind in core group stages fuse consolidate forgetting eval; do
   jid=$(run $kind afterok:$jid)
