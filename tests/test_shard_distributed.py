@@ -282,3 +282,43 @@ def test_sharded_fusion_refuses_an_existing_output_on_every_rank(fused_once, tmp
     assert (tmp_path / "error1.txt").read_text() == \
         f"OSError: rank 0 failed: FileExistsError: {out} exists; pass overwrite=True to replace it"
     assert os.listdir(out) == ["keep"] and not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+# ----- the commands under torchrun -----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_cli_core_and_fuse_under_torchrun(fused_once, tmp_path):
+    """`torchrun --nproc_per_node N $(which cpift) core|fuse ...`: the processes split the tensors; the
+    mask file and the fused directory equal the 1-process ones; rank 0 alone reports."""
+    import subprocess
+    import sys
+
+    cpift = os.path.join(os.path.dirname(sys.executable), "cpift")
+    if not os.path.exists(cpift):
+        pytest.skip(f"no cpift console script next to {sys.executable} (install the package: make install)")
+    paths, single_fused, _ = fused_once
+    base_dir, tuned_dir = _write_pair(tmp_path, torch.float32)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+
+    def torchrun(n):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), cpift]
+
+    mask_path, out = str(tmp_path / "core.mask"), str(tmp_path / "fused")
+    commands = [
+        torchrun(2) + ["core", base_dir, tuned_dir, "--fraction", "0.3", "-o", mask_path, "--no-progress"],
+        torchrun(3) + ["fuse", "--backbone", paths["backbone"], "--base", paths["base"], "-t", "[0.2, 0.7]",
+                       "--task", f"a={paths['a']}:{paths['a']}.mask", "--task", f"b={paths['b']}:{paths['b']}.mask",
+                       "--max-shard-size", "10KB", "-o", out, "--no-progress"],
+    ]
+    procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in commands]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        assert p.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        single = core_region(base_dir, tuned_dir, 0.3, progress=False)
+    assert ParamMask.load(mask_path) == ParamMask(single.layout, single.words)
+    assert outputs[0][0].count(f"mask written to {mask_path}") == 1  # rank 0 only
+    assert _digests(out) == _digests(single_fused)
+    assert outputs[1][0].count("fused ") == 1

@@ -26,8 +26,8 @@ files can fail that reader, so re-run with ``--from`` from one process at a time
 
 One stage kind at a time (``cpift run CFG --stage KIND [--task NAME]``, cluster fan-out): a Run
 made with ``only=KIND`` (and ``task=NAME`` for a per-task kind: ``PER_TASK``, probe and core)
-computes only the stages of that kind (of that task). Every other stage it is asked for must be finished: an unfinished one of an
-earlier kind is a missing input (``MissingStageError``, nothing upstream is computed; one that
+computes only the stages of that kind (of that task). Every other stage it is asked for must be
+finished: an unfinished one of an earlier kind is a missing input (``MissingStageError``, nothing upstream is computed; one that
 another process is computing right now is waited for); an unfinished one of a later kind, or
 another task's piece of the kind, is not this command's work (``NotSelected``: the caller drops the
 part of the pipeline that needs it, without waiting for a process that holds its lock).
@@ -35,8 +35,8 @@ part of the pipeline that needs it, without waiting for a process that holds its
 Several processes of one launch (torchrun, accelerate launch; ``dist=``, see dist.py): rank 0 alone
 locks, checks, cleans and publishes, and broadcasts each decision and outcome; a ``collective``
 stage (training; core selection and fusion from local checkpoints) runs its function on every
-rank, any other stage on rank 0 only. Every rank ends
-each ``stage`` call with the same StageOut, or the same error.
+rank, any other stage on rank 0 only. Every rank ends each ``stage`` call with the same StageOut,
+or the same error.
 """
 
 from __future__ import annotations
