@@ -667,6 +667,7 @@ class GroupShardedWriter:
         self._starts = [len(_header_block(shard, self.metadata)) for shard in self.shards]
         self._fds: dict[int, int] = {}
         self._added: list[str] = []
+        self._added_set: set[str] = set()
         self._tmp: str | None = None
 
     def _file(self, i: int) -> str:
@@ -702,7 +703,7 @@ class GroupShardedWriter:
             raise RuntimeError("GroupShardedWriter.add outside its `with` block")
         if name not in self._where:
             raise ValueError(f"GroupShardedWriter: tensor {name!r} is not one of the planned tensors of {self.path}")
-        if name in self._added:
+        if name in self._added_set:
             raise ValueError(f"GroupShardedWriter: tensor {name!r} added twice")
         i, entry = self._where[name]
         if _TORCH_TO_ST.get(tensor.dtype) != entry["dtype"] or list(tensor.shape) != entry["shape"]:
@@ -715,6 +716,7 @@ class GroupShardedWriter:
         while done < data.nbytes:
             done += os.pwrite(self._fds[i], data[done:], at + done)
         self._added.append(name)
+        self._added_set.add(name)
 
     def _close_files(self, sync: bool) -> None:
         fds, self._fds = self._fds, {}
