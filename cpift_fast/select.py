@@ -12,8 +12,10 @@ key, found by radix select without ever concatenating the diffs:
 3. a last pass writes the mask bits: key > T, plus the first elements with key == T in
    (tensor order, flat index) order until exactly k are selected.
 
-A tensor whose largest key lies below bucket b (known from pass 1) is not read again. Working
-memory: the histograms (0.25 + 0.5 MB) and one tensor's mask words, besides the N/8-byte result.
+A tensor whose largest key lies below bucket b (known from pass 1) is not read again. The
+histogram passes hand runs of consecutive pairs (up to 2M elements; a larger pair alone) to one list-op call, which splits them over the threads as one work list: hundreds of small
+tensors cost one parallel pass, not one fixed cost (and one thread) each. Working memory: the
+histograms (0.25 + 0.5 MB), one run of pairs and one tensor's mask words, besides the N/8-byte result.
 
 mode="approx" stops after pass 1: the threshold is a bucket edge (whichever edge of bucket b gives
 a count closer to k), the mask then holds k ± hist[b] elements; `info.error_bound` is hist[b] and
@@ -88,6 +90,7 @@ _NONFINITE_BIN = 0x7F80  # level-0 bins >= this hold Inf/NaN keys
 _ALL = 2**63 - 1         # tie budget meaning "every tie"
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SHARD_BY = ("slice", "tensor")
+_BATCH_ELEMENTS = 1 << 21  # elements per histogram call (a run of pairs: 8 MB of bf16 pairs; a larger pair alone)
 
 
 @dataclass
@@ -249,6 +252,23 @@ class _Pairs:
         return f"tensor {name!r} of base ({self.base.description}) and tuned ({self.tuned.description})"
 
 
+def _batches(pairs: Iterator[tuple[str, torch.Tensor, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor, torch.Tensor]]]:
+    """Runs of consecutive pairs for one list-op call: up to _BATCH_ELEMENTS elements (a larger
+    pair alone). One call per run instead of per pair: hundreds of small tensors (norms, biases)
+    then cost one parallel region over all threads, not one fixed cost (and one thread) each; on a
+    loaded machine every parallel region can wait a scheduler slice for a descheduled thread."""
+    batch, elements = [], 0
+    for pair in pairs:
+        n = pair[1].numel()
+        if batch and elements + n > _BATCH_ELEMENTS:
+            yield batch
+            batch, elements = [], 0
+        batch.append(pair)
+        elements += n
+    if batch:
+        yield batch
+
+
 def _store(words: torch.Tensor, offset: int, w: torch.Tensor) -> None:
     """words[offset:offset + len(w)] = w; on CPU through numpy (a plain memcpy: a torch copy of a
     large slice would open a parallel region per tensor)."""
@@ -392,19 +412,19 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
 
     # pass 1: histogram of key >> 16, and the Inf/NaN check
     bar.set_description("core region: histogram")
-    # Histograms are summed in numpy: tiny single-threaded adds, no intra-op thread wake-ups per tensor.
+    # Histograms are summed in numpy: tiny single-threaded adds, no intra-op thread wake-ups.
     hist = np.zeros(ops.SELECT_BINS[0], dtype=np.int64)
     bad: tuple[str, int] | None = None
     top_bin = []  # highest nonempty level-0 bin of each tensor: tensors below the threshold are skipped later
-    for name, a, b in pairs.stream(names, keep=single):
-        h = ops.select_histogram(a, b, 0, 0).cpu().numpy()
-        nonfinite = int(h[_NONFINITE_BIN:].sum())
-        if nonfinite and bad is None:
-            bad = (name, nonfinite)
-        hist += h
-        nonempty = np.flatnonzero(h)
-        top_bin.append(int(nonempty[-1]) if nonempty.size else -1)
-        bar.update(1)
+    for batch in _batches(pairs.stream(names, keep=single)):
+        h, tops = ops.select_histogram([a for _, a, _ in batch], [b for _, _, b in batch], 0, 0)
+        hist += h.cpu().numpy()
+        tops = tops.tolist()
+        top_bin += tops
+        for (name, a, b), top in zip(batch, tops):
+            if top >= _NONFINITE_BIN and bad is None:  # count them, to name the tensor and the count
+                bad = (name, int(ops.select_histogram([a], [b], 0, 0)[0][_NONFINITE_BIN:].sum()))
+        bar.update(len(batch))
     hist = torch.from_numpy(hist)
     if group is not None:
         _all_reduce(hist, group)
@@ -432,9 +452,9 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
             bar.set_description("core region: refine")
             hist1 = np.zeros(ops.SELECT_BINS[1], dtype=np.int64)
             reach = [name for name, top in zip(names, top_bin) if top >= b0]
-            for _, a, b in pairs.stream(reach, keep=single):
-                hist1 += ops.select_histogram(a, b, 1, b0).cpu().numpy()
-                bar.update(1)
+            for batch in _batches(pairs.stream(reach, keep=single)):
+                hist1 += ops.select_histogram([a for _, a, _ in batch], [b for _, _, b in batch], 1, b0)[0].cpu().numpy()
+                bar.update(len(batch))
             bar.update(len(names) - len(reach))
             hist1 = _all_reduce(torch.from_numpy(hist1), group)
             refined = True

@@ -5,9 +5,10 @@
 // selected); key >= 0x7f800000 is Inf/NaN (it lands in histogram bins >= 0x7f80, which the caller
 // checks).
 //
-// select_histogram(base, tuned, level, prefix):
-//   level 0: int64[32768], bin = key >> 16, over every nonzero key;
-//   level 1: int64[65536], bin = key & 0xffff, over nonzero keys with key >> 16 == prefix.
+// select_histogram(base[], tuned[], level, prefix) -> (int64 hist, int64 top[T]), over all pairs:
+//   level 0: hist[32768], bin = key >> 16, over every nonzero key;
+//   level 1: hist[65536], bin = key & 0xffff, over nonzero keys with key >> 16 == prefix;
+//   top[t]: the highest nonempty bin of pair t alone (-1: none).
 // select_mask(base, tuned, threshold, tie_budget) -> (int32 words, int64 n_eq):
 //   bit i set iff key > threshold, or key == threshold and i is among the first tie_budget such
 //   elements in flat order; n_eq = number of elements with key == threshold.
@@ -15,6 +16,7 @@
 
 #include <bit>
 #include <mutex>
+#include <string>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -24,11 +26,14 @@ namespace cpift {
 namespace {
 
 constexpr int64_t kKeyBlock = 512;            // keys computed into a stack buffer at a time
-constexpr int64_t kChunk = 1 << 16;           // elements per mask chunk (multiple of 32)
+constexpr int64_t kChunk = 1 << 16;           // elements per work chunk (multiple of 32)
 // Elements per thread task: below this a tensor runs on one thread. Large on purpose: every
 // parallel region costs a thread wake-up, and on an oversubscribed machine a descheduled thread
 // stalls the whole region; a model has hundreds of small tensors.
 constexpr int64_t kParallelGrain = 1 << 22;
+// Elements per thread of a whole-list pass (select_histogram): one parallel region per call, so
+// it can be much smaller than kParallelGrain.
+constexpr int64_t kListGrain = 1 << 18;
 constexpr int64_t kFlush = int64_t(1) << 30;  // flush uint32 per-thread counts before they can wrap
 constexpr int64_t kBins0 = 1 << 15;
 constexpr int64_t kBins1 = 1 << 16;
@@ -73,6 +78,13 @@ inline int64_t keys_of(const c10::Half* a, const c10::Half* b, int64_t n, uint32
   return zeros;
 }
 
+inline uint32_t max_key(const uint32_t* keys, int64_t n) {
+  uint32_t high = 0;
+#pragma omp simd reduction(max : high)
+  for (int64_t i = 0; i < n; ++i) high = std::max(high, keys[i]);
+  return high;
+}
+
 // Bit j of gt / eq: keys[j] > thr / keys[j] == thr, for j < lim <= 32.
 inline void word_bits(const uint32_t* keys, int64_t lim, uint32_t thr, uint32_t& gt, uint32_t& eq) {
 #if defined(__AVX512F__)
@@ -92,14 +104,18 @@ inline void word_bits(const uint32_t* keys, int64_t lim, uint32_t thr, uint32_t&
   }
 }
 
-void check_pair(const at::Tensor& base, const at::Tensor& tuned, const char* op) {
-  TORCH_CHECK(base.device().is_cpu() && tuned.device().is_cpu(), op, ": base and tuned must be CPU tensors");
-  TORCH_CHECK(base.scalar_type() == tuned.scalar_type(), op, ": base is ", base.scalar_type(), " but tuned is ",
-              tuned.scalar_type());
-  TORCH_CHECK(base.numel() == tuned.numel(), op, ": base has ", base.numel(), " elements, tuned ", tuned.numel());
+// index >= 0: the pair is element `index` of the op's lists (named base[index] / tuned[index]).
+void check_pair(const at::Tensor& base, const at::Tensor& tuned, const char* op, int64_t index = -1) {
+  const std::string at = index < 0 ? "" : "[" + std::to_string(index) + "]";
+  TORCH_CHECK(base.device().is_cpu() && tuned.device().is_cpu(), op, ": base", at, " and tuned", at,
+              " must be CPU tensors");
+  TORCH_CHECK(base.scalar_type() == tuned.scalar_type(), op, ": base", at, " is ", base.scalar_type(), " but tuned",
+              at, " is ", tuned.scalar_type());
+  TORCH_CHECK(base.numel() == tuned.numel(), op, ": base", at, " has ", base.numel(), " elements, tuned", at, " ",
+              tuned.numel());
   const auto t = base.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op,
-              ": dtype must be float32, float16 or bfloat16, got ", t);
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, op, ": base", at,
+              " must be float32, float16 or bfloat16, got ", t);
 }
 
 template <typename F>
@@ -113,83 +129,116 @@ void dispatch_dtype(at::ScalarType t, F&& f) {
 
 }  // namespace
 
-at::Tensor select_histogram(const at::Tensor& base, const at::Tensor& tuned, int64_t level, int64_t prefix) {
-  check_pair(base, tuned, "select_histogram");
+std::tuple<at::Tensor, at::Tensor> select_histogram(at::TensorList base, at::TensorList tuned, int64_t level,
+                                                    int64_t prefix) {
+  TORCH_CHECK(base.size() == tuned.size(), "select_histogram: ", base.size(), " base tensors but ", tuned.size(),
+              " tuned");
   TORCH_CHECK(level == 0 || level == 1, "select_histogram: level must be 0 or 1, got ", level);
   TORCH_CHECK(prefix >= 0 && prefix < kBins0, "select_histogram: prefix must be in [0, 32768), got ", prefix);
+  const int64_t T = static_cast<int64_t>(base.size());
   const int64_t nbins = level == 0 ? kBins0 : kBins1;
-  // zeroed here, not with at::zeros: a 64k-element fill would open a parallel region per tensor
-  at::Tensor hist = at::empty({nbins}, base.options().dtype(at::kLong));
+  const auto opts = at::TensorOptions().dtype(at::kLong);
+  // zeroed here, not with at::zeros: a 64k-element fill would open a parallel region of its own
+  at::Tensor hist = at::empty({nbins}, opts);
+  at::Tensor top = at::empty({T}, opts);
   int64_t* out = hist.data_ptr<int64_t>();
   std::fill(out, out + nbins, int64_t(0));
-  const int64_t n = base.numel();
-  if (n == 0) return hist;
-  const at::Tensor a = base.contiguous(), b = tuned.contiguous();
+  std::fill(top.data_ptr<int64_t>(), top.data_ptr<int64_t>() + T, int64_t(-1));
+
+  // The work list: every tensor cut into chunks of kChunk elements, one flat list over all tensors,
+  // so small tensors share the threads instead of running one at a time on one of them.
+  std::vector<at::Tensor> a(T), b(T);
+  std::vector<int64_t> chunk_tensor, chunk_begin;
+  for (int64_t t = 0; t < T; ++t) {
+    check_pair(base[t], tuned[t], "select_histogram", t);
+    a[t] = base[t].contiguous();
+    b[t] = tuned[t].contiguous();
+    for (int64_t s = 0; s < a[t].numel(); s += kChunk) {
+      chunk_tensor.push_back(t);
+      chunk_begin.push_back(s);
+    }
+  }
+  const int64_t nchunks = static_cast<int64_t>(chunk_tensor.size());
+  if (nchunks == 0) return {hist, top};
+  // highest nonzero key of each chunk (0: none): each tensor's top bin is read off these after the pass
+  std::vector<uint32_t> chunk_max(nchunks, 0);
   std::mutex merge;
   const uint32_t pfx = static_cast<uint32_t>(prefix);
   // Counts go to kCopies interleaved sub-histograms: runs of equal keys (ties are common in bf16
   // diffs) would otherwise serialise on one counter's store-to-load latency.
   constexpr int kCopies = 4;
-  const int64_t copies = kCopies;
-  dispatch_dtype(a.scalar_type(), [&](auto tag) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
-    const T* pa = a.data_ptr<T>();
-    const T* pb = b.data_ptr<T>();
-    at::parallel_for(0, n, kParallelGrain, [&](int64_t begin, int64_t end) {
-      std::vector<uint32_t> local(nbins * copies, 0);
-      int64_t zeros = 0;
-      uint32_t keys[kKeyBlock];
-      auto flush = [&]() {
-        std::lock_guard<std::mutex> lock(merge);
-        for (int64_t c = 0; c < copies; ++c)
-          for (int64_t i = 0; i < nbins; ++i) out[i] += local[c * nbins + i];
-        // zero keys fell into bin 0 (level 0, or level 1 under prefix 0): take them out again
-        if (level == 0 || pfx == 0) out[0] -= zeros;
-        std::fill(local.begin(), local.end(), 0u);
-        zeros = 0;
-      };
-      int64_t since_flush = 0;
-      uint32_t* h = local.data();
-      for (int64_t s = begin; s < end; s += kKeyBlock) {
-        const int64_t m = std::min(kKeyBlock, end - s);
-        const int64_t z = keys_of(pa + s, pb + s, m, keys);
-        if (level == 0) {
-          zeros += z;
-          int64_t i = 0;
-          for (; i + kCopies <= m; i += kCopies) {
-            ++h[keys[i] >> 16];
-            ++h[kBins0 + (keys[i + 1] >> 16)];
-            ++h[2 * kBins0 + (keys[i + 2] >> 16)];
-            ++h[3 * kBins0 + (keys[i + 3] >> 16)];
+  at::parallel_for(0, nchunks, std::max<int64_t>(1, kListGrain / kChunk), [&](int64_t c0, int64_t c1) {
+    std::vector<uint32_t> local(nbins * kCopies, 0);
+    int64_t zeros = 0, since_flush = 0;
+    uint32_t keys[kKeyBlock];
+    uint32_t* h = local.data();
+    auto flush = [&]() {
+      std::lock_guard<std::mutex> lock(merge);
+      for (int64_t c = 0; c < kCopies; ++c)
+        for (int64_t i = 0; i < nbins; ++i) out[i] += local[c * nbins + i];
+      // zero keys fell into bin 0 (level 0, or level 1 under prefix 0): take them out again
+      if (level == 0 || pfx == 0) out[0] -= zeros;
+      std::fill(local.begin(), local.end(), 0u);
+      zeros = 0;
+    };
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t t = chunk_tensor[c];
+      const int64_t begin = chunk_begin[c], end = std::min(a[t].numel(), begin + kChunk);
+      uint32_t high = 0;
+      dispatch_dtype(a[t].scalar_type(), [&](auto tag) {
+        using S = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+        const S* pa = a[t].data_ptr<S>();
+        const S* pb = b[t].data_ptr<S>();
+        for (int64_t s = begin; s < end; s += kKeyBlock) {
+          const int64_t m = std::min(kKeyBlock, end - s);
+          const int64_t z = keys_of(pa + s, pb + s, m, keys);
+          if (level == 0) {
+            zeros += z;
+            int64_t i = 0;
+            for (; i + kCopies <= m; i += kCopies) {
+              ++h[keys[i] >> 16];
+              ++h[kBins0 + (keys[i + 1] >> 16)];
+              ++h[2 * kBins0 + (keys[i + 2] >> 16)];
+              ++h[3 * kBins0 + (keys[i + 3] >> 16)];
+            }
+            for (; i < m; ++i) ++h[keys[i] >> 16];
+            high = std::max(high, max_key(keys, m));
+          } else {
+            if (pfx == 0) zeros += z;
+            // branch-free compaction of the keys inside the bucket, then count only those
+            int64_t n_in = 0;
+            for (int64_t i = 0; i < m; ++i) {
+              keys[n_in] = keys[i];
+              n_in += (keys[i] >> 16) == pfx;
+            }
+            int64_t i = 0;
+            for (; i + kCopies <= n_in; i += kCopies) {
+              ++h[keys[i] & 0xffffu];
+              ++h[kBins1 + (keys[i + 1] & 0xffffu)];
+              ++h[2 * kBins1 + (keys[i + 2] & 0xffffu)];
+              ++h[3 * kBins1 + (keys[i + 3] & 0xffffu)];
+            }
+            for (; i < n_in; ++i) ++h[keys[i] & 0xffffu];
+            high = std::max(high, max_key(keys, n_in));
           }
-          for (; i < m; ++i) ++h[keys[i] >> 16];
-        } else {
-          if (pfx == 0) zeros += z;
-          // branch-free compaction of the keys inside the bucket, then count only those
-          int64_t c = 0;
-          for (int64_t i = 0; i < m; ++i) {
-            keys[c] = keys[i];
-            c += (keys[i] >> 16) == pfx;
-          }
-          int64_t i = 0;
-          for (; i + kCopies <= c; i += kCopies) {
-            ++h[keys[i] & 0xffffu];
-            ++h[kBins1 + (keys[i + 1] & 0xffffu)];
-            ++h[2 * kBins1 + (keys[i + 2] & 0xffffu)];
-            ++h[3 * kBins1 + (keys[i + 3] & 0xffffu)];
-          }
-          for (; i < c; ++i) ++h[keys[i] & 0xffffu];
         }
-        since_flush += m;
-        if (since_flush >= kFlush) {
-          flush();
-          since_flush = 0;
-        }
+      });
+      chunk_max[c] = high;
+      since_flush += end - begin;
+      if (since_flush >= kFlush) {
+        flush();
+        since_flush = 0;
       }
-      flush();
-    });
+    }
+    flush();
   });
-  return hist;
+  int64_t* tops = top.data_ptr<int64_t>();
+  for (int64_t c = 0; c < nchunks; ++c) {
+    if (chunk_max[c] == 0) continue;
+    const int64_t bin = level == 0 ? chunk_max[c] >> 16 : chunk_max[c] & 0xffffu;
+    tops[chunk_tensor[c]] = std::max(tops[chunk_tensor[c]], bin);
+  }
+  return {hist, top};
 }
 
 std::tuple<at::Tensor, at::Tensor> select_mask(const at::Tensor& base, const at::Tensor& tuned, int64_t threshold,

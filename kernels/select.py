@@ -74,14 +74,29 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1)
 
 
-def select_histogram(base: torch.Tensor, tuned: torch.Tensor, level: int, prefix: int) -> torch.Tensor:
-    a, b = _flat(base), _flat(tuned)
-    hist = torch.zeros(1 << (15 if level == 0 else 16), dtype=torch.int64, device=a.device)
-    n = a.numel()
-    if n:
-        _hist_kernel[(triton.cdiv(n, HIST_BLOCK),)](a, b, hist, n, prefix, LEVEL=level, BLOCK=HIST_BLOCK,
-                                                    **FP_OPTIONS)
-    return hist
+HIST_ROWS = 32  # pairs histogrammed at a time, each into its own row (level 1: 16 MB of int64 rows)
+
+
+def select_histogram(base: list[torch.Tensor], tuned: list[torch.Tensor], level: int, prefix: int):
+    """One launch per pair, each into its own row of a [HIST_ROWS, bins] table (so each pair's top
+    bin can be read off), the rows summed into the histogram after each group of pairs."""
+    bins = 1 << (15 if level == 0 else 16)
+    device = base[0].device if len(base) else torch.device("cpu")
+    hist = torch.zeros(bins, dtype=torch.int64, device=device)
+    tops = [torch.empty(0, dtype=torch.int64, device=device)]
+    index = torch.arange(bins, device=device)
+    for start in range(0, len(base), HIST_ROWS):
+        pairs = list(zip(base[start:start + HIST_ROWS], tuned[start:start + HIST_ROWS]))
+        rows = torch.zeros(len(pairs), bins, dtype=torch.int64, device=device)
+        for row, (a, b) in zip(rows, pairs):
+            a, b = _flat(a), _flat(b)
+            n = a.numel()
+            if n:
+                _hist_kernel[(triton.cdiv(n, HIST_BLOCK),)](a, b, row, n, prefix, LEVEL=level, BLOCK=HIST_BLOCK,
+                                                            **FP_OPTIONS)
+        hist += rows.sum(dim=0)
+        tops.append(torch.where(rows > 0, index, -1).amax(dim=1))
+    return hist, torch.cat(tops)
 
 
 def select_mask(base: torch.Tensor, tuned: torch.Tensor, threshold: int, tie_budget: int):

@@ -350,6 +350,7 @@ def test_selection_failure_stops_the_reader(tmp_path, monkeypatch):
         return real(a, b, level, prefix)
 
     monkeypatch.setattr(select.ops, "select_histogram", failing)
+    monkeypatch.setattr(select, "_BATCH_ELEMENTS", 1)  # one kernel call per pair: the third fails mid-pass
     with pytest.raises(RuntimeError, match="kernel failed"):
         core_region(tmp_path / "base", tmp_path / "tuned", 0.1, progress=False, readahead=1 << 20)
     assert len(calls) == 3

@@ -88,11 +88,22 @@ def test_ops_agree_across_backends(backend):
     base, tuned = tied_pair([(4099,)], torch.bfloat16, seed=5)
     a, b = base["layers.0.w"], tuned["layers.0.w"]
     a[7], b[9] = float("inf"), float("nan")
-    ref_h0 = ops.select_histogram.reference(a, b, 0, 0)
-    assert torch.equal(ops.select_histogram(a, b, 0, 0), ref_h0)
-    assert int(ref_h0[0x7F80:].sum()) == 2
-    for prefix in (0, 0x3E80, 0x3F80):
-        assert torch.equal(ops.select_histogram(a, b, 1, prefix), ops.select_histogram.reference(a, b, 1, prefix))
+    same = torch.randn(40)
+    f32 = torch.randn(3, 33), torch.randn(3, 33)
+    # a list of pairs: mixed dtypes, an empty pair, a pair without a nonzero diff (top -1)
+    gen = torch.Generator().manual_seed(6)
+    tiny = [torch.randn(5, generator=gen) for _ in range(62)]  # past the Triton launcher's 32 rows per group
+    bases = [a, f32[0], torch.empty(0), same, *tiny[:31]]
+    tuneds = [b, f32[1], torch.empty(0), same.clone(), *tiny[31:]]
+    for level, prefix in [(0, 0), (1, 0), (1, 0x3E80), (1, 0x3F80)]:
+        hist, top = ops.select_histogram(bases, tuneds, level, prefix)
+        ref_hist, ref_top = ops.select_histogram.reference(bases, tuneds, level, prefix)
+        assert torch.equal(hist, ref_hist) and torch.equal(top, ref_top), (level, prefix)
+        alone = [ops.select_histogram.reference([x], [y], level, prefix)[0] for x, y in zip(bases, tuneds)]
+        assert torch.equal(hist, sum(alone))  # the list's histogram is the sum of the pairs'
+    hist, top = ops.select_histogram(bases, tuneds, 0, 0)
+    assert int(hist[0x7F80:].sum()) == 2 and top[0] >= 0x7F80 and top[1] < 0x7F80 and top[2:4].tolist() == [-1, -1]
+    assert ops.select_histogram([], [], 0, 0)[1].numel() == 0
     for threshold, budget in [(0x3F800000, 0), (0x3F800000, 17), (0x3F800000, 2**63 - 1), (1, 5)]:
         words, n_eq = ops.select_mask(a, b, threshold, budget)
         ref_words, ref_eq = ops.select_mask.reference(a, b, threshold, budget)

@@ -19,18 +19,24 @@ SELECT_BINS = (1 << 15, 1 << 16)  # bins of level 0 (key >> 16) and level 1 (key
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_pair(op: str, base: torch.Tensor, tuned: torch.Tensor) -> None:
+def _check_pair(op: str, base: torch.Tensor, tuned: torch.Tensor, index: int | None = None) -> None:
+    at = "" if index is None else f"[{index}]"
     for name, t in (("base", base), ("tuned", tuned)):
         if t.dtype not in _FLOATS:
-            raise ValueError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+            raise ValueError(f"{op}: {name}{at} must be float32, bfloat16 or float16, got {t.dtype}")
     if base.shape != tuned.shape:
-        raise ValueError(f"{op}: base has shape {list(base.shape)}, tuned {list(tuned.shape)}")
+        raise ValueError(f"{op}: base{at} has shape {list(base.shape)}, tuned{at} {list(tuned.shape)}")
     if base.device != tuned.device:
-        raise ValueError(f"{op}: base is on {base.device}, tuned on {tuned.device}")
+        raise ValueError(f"{op}: base{at} is on {base.device}, tuned{at} on {tuned.device}")
 
 
 def _check_histogram(base, tuned, level: int, prefix: int) -> None:
-    _check_pair("select_histogram", base, tuned)
+    if len(base) != len(tuned):
+        raise ValueError(f"select_histogram: {len(base)} base tensors but {len(tuned)} tuned")
+    for i, (a, b) in enumerate(zip(base, tuned)):
+        _check_pair("select_histogram", a, b, i)
+    if len(base) and len({t.device for t in base}) > 1:
+        raise ValueError(f"select_histogram: all pairs must be on one device, got {sorted({str(t.device) for t in base})}")
     if level not in (0, 1):
         raise ValueError(f"select_histogram: level must be 0 or 1, got {level}")
     if not 0 <= prefix < SELECT_BINS[0]:
@@ -51,13 +57,21 @@ def _select_keys(base: torch.Tensor, tuned: torch.Tensor) -> torch.Tensor:
     return diff.view(torch.int32) & 0x7FFFFFFF
 
 
-def _histogram_reference(base: torch.Tensor, tuned: torch.Tensor, level: int, prefix: int) -> torch.Tensor:
-    key = _select_keys(base, tuned)
-    key = key[key != 0]
-    if level == 0:
-        return torch.bincount(key >> 16, minlength=1 << 15).to(torch.int64)
-    key = key[(key >> 16) == prefix]
-    return torch.bincount(key & 0xFFFF, minlength=1 << 16).to(torch.int64)
+def _histogram_reference(base: list[torch.Tensor], tuned: list[torch.Tensor], level: int, prefix: int):
+    bins = SELECT_BINS[level]
+    device = base[0].device if len(base) else torch.device("cpu")
+    hist = torch.zeros(bins, dtype=torch.int64, device=device)
+    top = torch.full((len(base),), -1, dtype=torch.int64, device=device)
+    for i, (a, b) in enumerate(zip(base, tuned)):
+        key = _select_keys(a, b)
+        key = key[key != 0]
+        if level == 1:
+            key = key[(key >> 16) == prefix]
+        h = torch.bincount(key >> 16 if level == 0 else key & 0xFFFF, minlength=bins).to(torch.int64)
+        hist += h
+        if key.numel():
+            top[i] = int(h.nonzero().max())
+    return hist, top
 
 
 def _mask_reference(base: torch.Tensor, tuned: torch.Tensor, threshold: int, tie_budget: int):
@@ -68,18 +82,23 @@ def _mask_reference(base: torch.Tensor, tuned: torch.Tensor, threshold: int, tie
 
 
 def _histogram_fake(base, tuned, level, prefix):
-    return base.new_empty((SELECT_BINS[1 if level else 0],), dtype=torch.int64)
+    like = base[0] if len(base) else torch.empty(0)
+    return (like.new_empty((SELECT_BINS[1 if level else 0],), dtype=torch.int64),
+            like.new_empty((len(base),), dtype=torch.int64))
 
 
 def _mask_fake(base, tuned, threshold, tie_budget):
     return (base.new_empty(((base.numel() + 31) // 32,), dtype=torch.int32), base.new_empty((), dtype=torch.int64))
 
 
-select_histogram = Op("select_histogram(Tensor base, Tensor tuned, int level, int prefix) -> Tensor",
+select_histogram = Op("select_histogram(Tensor[] base, Tensor[] tuned, int level, int prefix) -> (Tensor, Tensor)",
                       check=_check_histogram, fake=_histogram_fake, reference=_histogram_reference,
                       triton_module="select")
-select_histogram.__doc__ = """int64 histogram of the nonzero keys: level 0: 32768 bins, bin = key >> 16; level 1: 65536
-bins, bin = key & 0xffff, only keys with key >> 16 == prefix."""
+select_histogram.__doc__ = """(hist, top) over a list of (base, tuned) pairs, one pass over all of them (the C++ kernel
+splits one work list of chunks over the threads, whatever the tensor sizes). hist: int64 histogram of
+the nonzero keys of every pair; level 0: 32768 bins, bin = key >> 16; level 1: 65536 bins, bin = key &
+0xffff, only keys with key >> 16 == prefix. top: int64[len(base)], the highest nonempty bin of each
+pair alone, -1 if it has none (a level-0 top >= 0x7f80 is an Inf/NaN diff)."""
 
 select_mask = Op("select_mask(Tensor base, Tensor tuned, int threshold, int tie_budget) -> (Tensor, Tensor)",
                  check=_check_mask, fake=_mask_fake, reference=_mask_reference, triton_module="select")
