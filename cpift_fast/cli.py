@@ -3,7 +3,8 @@
     cpift info                       what was built and how (compiles the extension on first use), backends
     cpift --version                  the version
     cpift demo                       the built-in end-to-end demo (what `make demo` runs)
-    cpift core BASE TUNED -o M       core region: exact global top-k of |tuned − base| (--plot, per layer)
+    cpift core BASE TUNED -o M       core region: exact global top-k of |tuned − base| (--plot, per layer);
+                                     core and fuse under torchrun: each process reads its share of the tensors
     cpift overlap A.mask B.mask ...  Jaccard matrix of task cores and the groups (--tau, --plot)
     cpift fuse --backbone DIR --task NAME=DIR:MASK ... -o OUT   core transplant + SLERP, streamed
     cpift run CONFIG.yaml            CPI-FT + baselines from a config; resumable (--from STAGE, --seeds N);
@@ -57,13 +58,37 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
                    help="override a config value (dotted key, YAML value), e.g. --set cpift.p=0.05; repeatable")
 
 
+def _launched_group():
+    """Under torchrun / accelerate launch (WORLD_SIZE > 1): the default process group (gloo, set up
+    here once; the checkpoints are on the CPU) and this process's rank; else (None, 0). `cpift core`
+    and `cpift fuse` then split the tensors over the processes (cpift_fast.shard) and rank 0 prints
+    and writes the single-file outputs."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None, 0
+    import atexit
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.group.WORLD, dist.get_rank()
+
+
 def _cmd_core(args: argparse.Namespace) -> int:
-    """`cpift core BASE TUNED`: select, print k / threshold / time / per-layer breakdown, save."""
+    """`cpift core BASE TUNED`: select, print k / threshold / time / per-layer breakdown, save.
+    Under torchrun each process reads and selects on its share of the tensors; rank 0 reports."""
     from .select import DEFAULT_LAYER_PATTERN, core_region, layer_breakdown, plot_core_share
 
     pattern = args.layer_pattern or DEFAULT_LAYER_PATTERN
+    group, rank = _launched_group()
     mask = core_region(args.base, args.tuned, args.fraction, mode=args.mode, scope=args.scope,
-                       layer_pattern=pattern, progress=not args.no_progress)
+                       layer_pattern=pattern, progress=not args.no_progress and rank == 0, group=group,
+                       shard_by="tensor")
+    if group is not None:
+        mask = mask.gather(group)  # the full mask on rank 0
+        if rank != 0:
+            return 0
     info = mask.info
     thr = f"{info.threshold:.6g}" if info.threshold is not None else "n/a (scope is not global or nothing selected)"
     print(f"elements N = {info.numel}, fraction = {info.fraction}, k = {info.k}, selected = {info.selected}"
@@ -155,10 +180,13 @@ def _cmd_fuse(args: argparse.Namespace) -> int:
             cores[name] = mask
     if cores and set(cores) != set(tasks):
         raise UsageError(f"give a core mask for every task or for none (masks for {sorted(cores)} only)")
+    group, rank = _launched_group()  # under torchrun: each process fuses and writes its share of the tensors
     out, stats = fuse_models(args.backbone, tasks, cores or None, t=_parse_t(args.t), base=args.base,
                              overlap_rule=args.overlap_rule, out=args.output, space=args.space,
                              dot_threshold=args.dot_threshold, max_shard_size=args.max_shard_size,
-                             overwrite=args.overwrite, progress=not args.no_progress)
+                             overwrite=args.overwrite, progress=not args.no_progress and rank == 0, group=group)
+    if rank != 0:
+        return 0
     angles = [e["angle_deg"] for e in stats["tensors"].values() if e.get("angle_deg") == e.get("angle_deg")
               and "angle_deg" in e]
     print(f"fused {len(stats['tensors'])} tensors ({stats['elements']} elements) into {out}")
@@ -295,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "be finished (else one error naming the missing stage and the command that makes it; "
                         "nothing upstream is computed); finished stages are reused; no report (a plain "
                         "`cpift run` afterwards reuses everything and writes it)")
-    p.add_argument("--task", metavar="NAME", help="with --stage probe: only this task's probe")
+    p.add_argument("--task", metavar="NAME", help="with --stage probe or core: only this task's piece")
     p.add_argument("--seed", type=int, metavar="K", help="with --stage: only seed K's stages")
     p.set_defaults(func=_cmd_run)
     # [issue 12] cpift sweep

@@ -42,6 +42,14 @@ thread (write-behind: the shard writes and their fsyncs overlap the next names' 
 Peak memory: the current name's tensors plus at most twice the budget (or, on either side, one
 name's tensors larger than it).
 
+Sharded (``group=``, a torch.distributed process group; with ``out``): every rank passes the same
+inputs; each tensor name is fused by one rank (cpift_fast.shard.tensor_shares over the bytes read
+per name), which alone reads that name's inputs and writes its fused tensor into the shared output
+(cpift_fast.io.GroupShardedWriter: the shard layout is planned from the backbone's headers). The
+output directory is byte for byte the 1-process one (same tensors, bits, shards, headers, index);
+every rank returns the full ``stats`` (all-gathered, in backbone order). The output directory must
+be on a file system every rank can write.
+
 ``t`` may be a number, a list of anchors interpolated linearly over the layer index (mergekit's
 "gradient": anchor positions are evenly spaced over layers 0 .. L−1; tensors outside numbered
 layers take the first anchor if their name marks an input embedding — ``embed``, ``wte``, ``wpe``
@@ -63,9 +71,10 @@ from typing import Any
 import torch
 
 from . import ops
-from .io import ShardedWriter, TensorSource, honour_umask, open_tensors
+from .io import GroupShardedWriter, ShardedWriter, TensorSource, honour_umask, open_tensors
 from .mask import ParamMask
 from .readahead import DEFAULT_BUDGET, ReadAhead, WriteBehind, check_budget
+from .shard import group_rank_world, on_rank0, tensor_shares
 
 OVERLAP_RULES = {"last": 0, "first": 1, "mean": 2}
 SPACES = ("weights", "task_vector")
@@ -272,7 +281,7 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
                 *, t: Any = 0.5, base: Any = None, overlap_rule: str = "last", out: str | os.PathLike | None = None,
                 space: str | None = None, dot_threshold: float = 0.9995, eps: float = 1e-8,
                 max_shard_size: int | str = "5GB", overwrite: bool = False, progress: bool = True,
-                readahead: int | str = DEFAULT_BUDGET):
+                readahead: int | str = DEFAULT_BUDGET, group=None):
     """Fuse task models into a backbone: core transplant + SLERP of everything else.
 
     ``backbone``, each task and ``base`` may be an nn.Module, a {name: tensor} dict, a
@@ -282,6 +291,8 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
     ``space``: "weights" or "task_vector" (default: "task_vector" when ``base`` is given).
     ``readahead``: bytes of input tensors read ahead of the kernels, and of fused tensors queued
     for writing (int or '64MB'; 0: no reader or writer thread; see the module doc).
+    ``group``: a process group whose ranks fuse and write one share of the tensors each (collective;
+    needs ``out``; see the module doc).
 
     Returns ``(state_dict, stats)``, or with ``out=DIR`` ``(DIR, stats)`` after streaming the result
     to sharded safetensors + index in DIR (atomically; config/tokenizer files of a backbone
@@ -293,6 +304,9 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
     rule = OVERLAP_RULES[overlap_rule]
     task_vector = _resolve_space(space, base)
     readahead = check_budget(readahead, "fuse_models: readahead")
+    if group is not None and out is None:
+        raise ValueError("fuse_models: group= (sharded fusion) needs out=DIR: each rank writes its share of the "
+                         "output shards")
     task_models = _named(tasks, "tasks")
     if not task_models:
         raise ValueError("fuse_models needs at least one task model")
@@ -318,21 +332,29 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
                              "overlap_rule": overlap_rule, "tasks": list(task_models)}
     layout = next(iter(core_masks.values())).layout if core_masks else None
     result: dict[str, torch.Tensor] = {}
-    writer = ShardedWriter(out, max_shard_size, metadata={"producer": "cpift_fast.fuse_models"},
-                           overwrite=overwrite) if out is not None else None
+    inputs = _Inputs(bb, srcs, base_src if task_vector else None)
+    metadata = {"producer": "cpift_fast.fuse_models"}
+    mine = names
+    if group is not None:
+        rank, world = group_rank_world(group)
+        mine = tensor_shares(names, [inputs.nbytes(n) for n in names], world)[rank]
+        writer = GroupShardedWriter(out, [(n, bb.dtype(n), bb.shape(n)) for n in names], max_shard_size,
+                                    metadata=metadata, overwrite=overwrite, group=group)
+    else:
+        writer = ShardedWriter(out, max_shard_size, metadata=metadata,
+                               overwrite=overwrite) if out is not None else None
 
     from tqdm.auto import tqdm
 
-    inputs = _Inputs(bb, srcs, base_src if task_vector else None)
     streamed = any(src.is_streamed for src in [bb, *srcs.values(), *([base_src] if base_src is not None else [])])
-    bar = tqdm(total=sum(bb.numel(n) for n in names), unit="el", unit_scale=True, desc="fuse", disable=not progress)
+    bar = tqdm(total=sum(bb.numel(n) for n in mine), unit="el", unit_scale=True, desc="fuse", disable=not progress)
     ahead = behind = None
     try:
         if writer is not None:
             writer.__enter__()
             behind = WriteBehind(writer.add, lambda t: t.numel() * t.element_size(), readahead,
                                  describe=lambda n: f"fused tensor {n!r} to {writer.path}")
-        ahead = ReadAhead(names, inputs.prefetch, inputs.nbytes, readahead if streamed else 0, describe=inputs.describe)
+        ahead = ReadAhead(mine, inputs.prefetch, inputs.nbytes, readahead if streamed else 0, describe=inputs.describe)
         for name, (a, base_t, models) in ahead:
             fused, entry = _fuse_tensor(name, a, base_t, models, srcs, core_masks, layout, schedule(name), task_vector,
                                         rule, dot_threshold, eps, stats)
@@ -344,8 +366,8 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
             bar.update(bb.numel(name))
         if writer is not None:
             behind.finish()
-            writer.__exit__(None, None, None)
-            writer = None
+            done, writer = writer, None  # (a GroupShardedWriter's exit is collective: called once)
+            done.__exit__(None, None, None)
     except BaseException as exc:
         if behind is not None:
             behind.close()  # the writer thread ends before the writer removes its temporary directory
@@ -360,11 +382,35 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
         bar.close()
         for s in [bb, *srcs.values(), *([base_src] if base_src is not None else [])]:
             s.close()
+    if group is not None:
+        stats = _gathered_stats(stats, names, group)
     if out is not None:
         out = os.fspath(out)
-        stats["copied_files"] = _copy_config_files(backbone, out)
+        stats["copied_files"] = on_rank0(group, lambda: _copy_config_files(backbone, out))
         return out, stats
     return result, stats
+
+
+def _gathered_stats(stats: dict, names: list[str], group) -> dict:
+    """Every rank's per-tensor stats merged, and the totals recounted in backbone order (as one
+    process counts them)."""
+    import torch.distributed as dist
+
+    _, world = group_rank_world(group)
+    parts: list = [None] * world
+    dist.all_gather_object(parts, (stats["tensors"], stats["cast_cores"]), group=group)
+    entries = {n: e for tensors, _ in parts for n, e in tensors.items()}
+    cast = {n for _, c in parts for n in c}
+    out = {**stats, "tensors": {}, "modes": {}, "transplanted": 0, "overlapping": 0, "elements": 0,
+           "cast_cores": [n for n in names if n in cast]}
+    for name in names:
+        entry = out["tensors"][name] = entries[name]
+        out["elements"] += entry["numel"]
+        for mode in [entry["mode"]] + [f"fold_{m}" for m in entry.get("fold_modes", [])]:
+            out["modes"][mode] = out["modes"].get(mode, 0) + 1
+        out["transplanted"] += entry.get("transplanted", 0)
+        out["overlapping"] += entry.get("overlapping", 0)
+    return out
 
 
 def _check_sources(bb: TensorSource, srcs: dict[str, TensorSource], base: TensorSource | None,

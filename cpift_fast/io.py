@@ -43,6 +43,10 @@ the mode ``mkdir`` would give under the process umask). Every shard header carri
 reserved at its start and padded with spaces (allowed by the safetensors format); a header that
 outgrows the reservation is handled by rewriting that one shard through a stream copy.
 ``save_sharded(tensors, path)`` wraps it for anything ``open_tensors`` accepts.
+
+Writing from several processes — ``GroupShardedWriter(path, tensors, group=...)``: the ranks of a
+process group write one checkpoint together, each its own tensors, into the very bytes
+``ShardedWriter`` would write (``plan_shards`` fixes every shard's header and offsets up front).
 """
 
 from __future__ import annotations
@@ -468,6 +472,65 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
+def _header_block(entries: Mapping[str, dict], metadata: Mapping[str, str]) -> bytes:
+    """The bytes before a shard's data: the 8-byte length and the JSON header, padded with spaces to
+    fill the reserved _HEADER_RESERVE bytes, or (a header too big for them) to a multiple of 8."""
+    header = json.dumps({"__metadata__": dict(metadata), **entries}, separators=(",", ":")).encode()
+    room = _HEADER_RESERVE - 8
+    if len(header) <= room:
+        return struct.pack("<Q", room) + header + b" " * (room - len(header))
+    header += b" " * ((-len(header)) % 8)
+    return struct.pack("<Q", len(header)) + header
+
+
+def plan_shards(tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], max_shard_size: int | str) -> list[dict]:
+    """The shards ``ShardedWriter`` makes when given `tensors` (name, dtype, shape) in this order:
+    one {name: safetensors header entry} per shard (a shard is closed before a tensor that would push
+    it past max_shard_size; a bigger tensor gets a shard of its own; no tensor: one empty shard)."""
+    limit = parse_size(max_shard_size)
+    shards: list[dict] = []
+    size = 0
+    for name, dtype, shape in tensors:
+        if dtype not in _TORCH_TO_ST:
+            raise TypeError(f"ShardedWriter: tensor {name!r} has dtype {dtype}, which safetensors cannot store")
+        numel = 1
+        for d in shape:
+            numel *= int(d)
+        nbytes = numel * _itemsize(dtype)
+        if not shards or (size and size + nbytes > limit):
+            shards.append({})
+            size = 0
+        shards[-1][name] = {"dtype": _TORCH_TO_ST[dtype], "shape": [int(d) for d in shape],
+                            "data_offsets": [size, size + nbytes]}
+        size += nbytes
+    return shards or [{}]
+
+
+def _shard_name(i: int, n: int) -> str:
+    return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _write_index(directory: str, weight_map: dict[str, str], total: int) -> None:
+    with open(os.path.join(directory, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": total},
+                   "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0])))}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _move_into_place(tmp: str, path: str) -> None:
+    """Rename the finished directory `tmp` to `path` (replacing an old one) and fsync the parent."""
+    fsync_path(tmp)
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(path)}-", dir=os.path.dirname(path))
+        os.rename(path, os.path.join(old, "x"))
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+    fsync_path(os.path.dirname(path))
+
+
 class _Shard:
     def __init__(self, path: str):
         self.path = path
@@ -484,21 +547,19 @@ class _Shard:
         self.size += data.nbytes
 
     def finish(self, metadata: dict[str, str]) -> None:
-        header = json.dumps({"__metadata__": metadata, **self.entries}, separators=(",", ":")).encode()
-        room = _HEADER_RESERVE - 8
-        if len(header) <= room:
+        block = _header_block(self.entries, metadata)
+        if len(block) == _HEADER_RESERVE:
             self.file.seek(0)
-            self.file.write(struct.pack("<Q", room) + header + b" " * (room - len(header)))
+            self.file.write(block)
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
             return
         # The header outgrew the reservation: rewrite this shard with a header of the right size.
         self.file.close()
-        header += b" " * ((-len(header)) % 8)
         tmp = self.path + ".rewrite"
         with open(self.path, "rb") as src, open(tmp, "wb") as dst:
-            dst.write(struct.pack("<Q", len(header)) + header)
+            dst.write(block)
             src.seek(_HEADER_RESERVE)
             shutil.copyfileobj(src, dst, 16 << 20)
             dst.flush()
@@ -555,25 +616,12 @@ class ShardedWriter:
         n = len(self._shards)
         weight_map: dict[str, str] = {}
         for i, shard in enumerate(self._shards):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            final = _shard_name(i, n)
             os.rename(shard.path, os.path.join(self._tmp, final))
             weight_map.update({name: final for name in shard.entries})
-        total = sum(s.size for s in self._shards)
-        with open(os.path.join(self._tmp, INDEX_NAME), "w") as f:
-            json.dump({"metadata": {"total_size": total},
-                       "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural_key(kv[0])))}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_path(self._tmp)
-        if os.path.exists(self.path):
-            old = tempfile.mkdtemp(prefix=f".old-{os.path.basename(self.path)}-", dir=os.path.dirname(self.path))
-            os.rename(self.path, os.path.join(old, "x"))
-            os.rename(self._tmp, self.path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self._tmp, self.path)
+        _write_index(self._tmp, weight_map, sum(s.size for s in self._shards))
+        _move_into_place(self._tmp, self.path)
         self._tmp = None
-        fsync_path(os.path.dirname(self.path))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
@@ -586,6 +634,153 @@ class ShardedWriter:
             if self._tmp is not None:
                 shutil.rmtree(self._tmp, ignore_errors=True)
                 self._tmp = None
+
+
+class GroupShardedWriter:
+    """The sharded checkpoint ``ShardedWriter`` would write, written by the ranks of a process group
+    together: each rank adds the tensors it owns, in any order; the output directory is byte for
+    byte the one ``ShardedWriter`` makes when given every tensor in `tensors` order.
+
+    `tensors`: (name, dtype, shape) of every tensor of the checkpoint, in order, the same on every
+    rank. The layout is known up front (``plan_shards``), so rank 0 creates the shard files in a
+    temporary directory next to `path` with their final headers and sizes, and each rank writes its
+    tensors' bytes at their offsets (``pwrite``; nothing is buffered). The directory must be on a
+    file system every rank can write (a shared one across nodes). On exit (collective) every rank
+    fsyncs and closes what it wrote; if every rank succeeded and every tensor was added exactly
+    once, rank 0 writes the index and renames the directory into place (atomic, as ShardedWriter);
+    otherwise rank 0 removes the temporary directory and every rank raises (its own error, or one
+    naming the failed rank / the tensor no rank or two ranks added). Every method but ``add`` is
+    collective. ``group=None``: one process, a planned ShardedWriter.
+    """
+
+    def __init__(self, path: str | os.PathLike, tensors: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 max_shard_size: int | str = "5GB", metadata: Mapping[str, str] | None = None,
+                 overwrite: bool = False, group=None):
+        from .shard import group_rank_world
+
+        self.path = os.path.abspath(os.fspath(path))
+        self.metadata = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+        self.overwrite, self.group = overwrite, group
+        self.rank, self.world = group_rank_world(group)
+        self.shards = plan_shards(list(tensors), max_shard_size)
+        self._where = {name: (i, entry) for i, shard in enumerate(self.shards) for name, entry in shard.items()}
+        self._starts = [len(_header_block(shard, self.metadata)) for shard in self.shards]
+        self._fds: dict[int, int] = {}
+        self._added: list[str] = []
+        self._added_set: set[str] = set()
+        self._tmp: str | None = None
+
+    def _file(self, i: int) -> str:
+        return os.path.join(self._tmp, _shard_name(i, len(self.shards)))
+
+    def _create(self) -> str:
+        if os.path.exists(self.path) and not self.overwrite:
+            raise FileExistsError(f"{self.path} exists; pass overwrite=True to replace it")
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(self.path)}-", dir=parent)
+        try:
+            honour_umask(tmp, directory=True)
+            for i, shard in enumerate(self.shards):
+                size = max((e["data_offsets"][1] for e in shard.values()), default=0)
+                with open(os.path.join(tmp, _shard_name(i, len(self.shards))), "wb") as f:
+                    f.write(_header_block(shard, self.metadata))
+                    f.truncate(self._starts[i] + size)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return tmp
+
+    def __enter__(self) -> GroupShardedWriter:
+        from .shard import on_rank0
+
+        self._tmp = on_rank0(self.group, self._create)
+        return self
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write `name`'s bytes into its shard (this rank's tensors only; not collective)."""
+        if self._tmp is None:
+            raise RuntimeError("GroupShardedWriter.add outside its `with` block")
+        if name not in self._where:
+            raise ValueError(f"GroupShardedWriter: tensor {name!r} is not one of the planned tensors of {self.path}")
+        if name in self._added_set:
+            raise ValueError(f"GroupShardedWriter: tensor {name!r} added twice")
+        i, entry = self._where[name]
+        if _TORCH_TO_ST.get(tensor.dtype) != entry["dtype"] or list(tensor.shape) != entry["shape"]:
+            raise ValueError(f"GroupShardedWriter: tensor {name!r} is {tensor.dtype} of shape {list(tensor.shape)}; "
+                             f"the plan has {entry['dtype']} of shape {entry['shape']}")
+        if i not in self._fds:
+            self._fds[i] = os.open(self._file(i), os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        data = _tensor_bytes(tensor)
+        at, done = self._starts[i] + entry["data_offsets"][0], 0
+        while done < data.nbytes:
+            done += os.pwrite(self._fds[i], data[done:], at + done)
+        self._added.append(name)
+        self._added_set.add(name)
+
+    def _close_files(self, sync: bool) -> None:
+        fds, self._fds = self._fds, {}
+        try:
+            for fd in fds.values():
+                if sync:
+                    os.fsync(fd)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _publish(self) -> None:
+        weight_map = {name: _shard_name(i, len(self.shards)) for name, (i, _) in self._where.items()}
+        total = sum(max((e["data_offsets"][1] for e in shard.values()), default=0) for shard in self.shards)
+        for i in range(len(self.shards)):
+            fsync_path(self._file(i))
+        _write_index(self._tmp, weight_map, total)
+        _move_into_place(self._tmp, self.path)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        from .shard import on_rank0
+
+        if self._tmp is None:  # __enter__ failed (on every rank: its outcome was broadcast): nothing to undo
+            return
+        failure = None
+        try:
+            self._close_files(sync=exc_type is None)
+        except OSError as err:
+            failure = err
+        status = None if exc_type is None and failure is None else f"{type(exc or failure).__name__}: {exc or failure}"
+        reports = [(status, self._added)]
+        if self.group is not None:
+            import torch.distributed as dist
+
+            reports = [None] * self.world
+            dist.all_gather_object(reports, (status, self._added), group=self.group)
+        problem = next((f"rank {r} failed ({st})" for r, (st, _) in enumerate(reports) if st is not None), None)
+        if problem is None:
+            by = {}
+            for r, (_, added) in enumerate(reports):
+                for name in added:
+                    if name in by:
+                        problem = f"tensor {name!r} was added by rank {by[name]} and rank {r}"
+                    by[name] = r
+            missing = next((n for n in self._where if n not in by), None)
+            if problem is None and missing is not None:
+                problem = f"tensor {missing!r} was added by no rank"
+        tmp = self._tmp
+
+        def finish():
+            if problem is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return None
+            self._publish()
+            return None
+
+        try:
+            on_rank0(self.group, finish)
+        finally:
+            self._tmp = None
+        if exc_type is None and failure is not None:
+            raise failure
+        if exc_type is None and problem is not None:
+            raise RuntimeError(f"GroupShardedWriter {self.path}: {problem}; nothing was written")
 
 
 def save_sharded(tensors: Any, path: str | os.PathLike, max_shard_size: int | str = "5GB",

@@ -8,6 +8,7 @@ end of a tensor are always zero, so ``count()`` is a plain popcount. A 10^9-elem
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -256,10 +257,52 @@ class ParamMask:
         return (f"ParamMask({self.count()}/{self.numel} set over {len(self.names)} tensors, "
                 f"{self.words.numel() * 4} bytes, device={self.device})")
 
+    # ----- across processes ---------------------------------------------------------------------
+
+    def gather(self, group, dst: int | None = 0) -> ParamMask | None:
+        """The union of every rank's mask in `group` (a torch.distributed process group; collective).
+
+        Made for sharded selection (``core_region(..., group=, shard_by="tensor")``): each rank's mask
+        has the full layout and bits only in the tensors it owns, so the union is the full mask.
+        Every rank must hold the same layout (checked: a ValueError on every rank names the first
+        difference). ``dst=0`` (default): the full mask on rank 0, None on the others; ``dst=None``:
+        on every rank. The words travel as one bitwise-OR reduction (CPU int32; a CUDA mask is
+        moved to the CPU for it and the result moved back). A CoreMask keeps its ``info``.
+        """
+        import torch.distributed as dist
+
+        group = group if group is not None else dist.group.WORLD
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        layouts: list = [None] * world
+        dist.all_gather_object(layouts, self.layout, group=group)
+        for r, other in enumerate(layouts):
+            diff = layouts[0].difference(other, "rank 0's mask", f"rank {r}'s mask")
+            if diff is not None:
+                raise ValueError(f"ParamMask.gather: mask layouts differ across ranks: {diff}")
+        words = self.words.to("cpu", copy=True)
+        if dst is None:
+            dist.all_reduce(words, op=dist.ReduceOp.BOR, group=group)
+        else:
+            dist.reduce(words, dst=dist.get_global_rank(group, dst), op=dist.ReduceOp.BOR, group=group)
+            if rank != dst:
+                return None
+        out = copy.copy(self)  # keeps the subclass and its attributes (CoreMask.info)
+        out.words = words.to(self.device)
+        return out
+
     # ----- persistence -------------------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file (words + layout in the metadata); atomic (temp + rename)."""
+    def save(self, path: str | os.PathLike, group=None) -> None:
+        """Write a safetensors file (words + layout in the metadata); atomic (temp + rename).
+
+        With ``group`` (collective): the union of every rank's mask (``gather``) is written by rank 0
+        alone, one file; every rank returns once the file is in place, or raises rank 0's error."""
+        if group is not None:
+            from .shard import on_rank0
+
+            full = self.gather(group, dst=0)
+            on_rank0(group, lambda: full.save(path))
+            return
         from safetensors.torch import save_file
 
         path = os.fspath(path)

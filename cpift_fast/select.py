@@ -48,9 +48,19 @@ touch them). Peak memory: the pair being processed, the pages of the pairs fetch
 N/8-byte mask and the histograms. A shape/name mismatch is found from the headers before any data
 is read.
 
-Distributed: with ``group=process_group`` every rank passes its local shards (same names on every
-rank; a name's global flat order is rank 0's shard, then rank 1's, ...); histograms and tie counts
-are all-reduced, so every rank gets the exact global threshold and its part of the global mask.
+Distributed: with ``group=process_group`` histograms and tie counts are all-reduced, so every rank
+gets the exact global threshold and its part of the global mask; ``shard_by`` says what a rank holds:
+
+- ``"slice"`` (default): every rank passes its local slices of every tensor (same names on every
+  rank; a name's global flat order is rank 0's slice, then rank 1's, ...), e.g. FSDP shards. The
+  result is this rank's slices' bits.
+- ``"tensor"``: every rank passes the *same* whole checkpoint (headers identical on every rank,
+  checked) and reads only its share of the tensors: ``tensor_shares(names, [bytes of the base
+  tensor + bytes of the tuned tensor], world)[rank]`` (cpift_fast.shard); no other tensor of it is
+  read, mapped or fetched. The result has the full layout with
+  this rank's tensors' bits set and every other tensor's words zero; ``ParamMask.gather(group)``
+  (or ``save(path, group=)``) assembles the full mask, which equals the 1-process mask bit for bit
+  (ties are taken in (tensor order, flat index) order across ranks: all-gathered tie counts).
 """
 
 from __future__ import annotations
@@ -71,6 +81,7 @@ from . import ops
 from .io import TensorSource, open_tensors
 from .mask import MaskLayout, ParamMask
 from .readahead import DEFAULT_BUDGET, ReadAhead, check_budget
+from .shard import group_rank_world, tensor_shares
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +89,7 @@ DEFAULT_LAYER_PATTERN = r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)
 _NONFINITE_BIN = 0x7F80  # level-0 bins >= this hold Inf/NaN keys
 _ALL = 2**63 - 1         # tie budget meaning "every tie"
 _FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SHARD_BY = ("slice", "tensor")
 _BATCH_ELEMENTS = 1 << 21  # elements per kernel call (a run of pairs: 8 MB of bf16 pairs; a larger pair alone)
 
 
@@ -285,13 +297,16 @@ def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
 
 
 def core_region(base: Any, tuned: Any, fraction: float = 0.01, *, mode: str = "exact", scope: str = "global",
-                layer_pattern: str = DEFAULT_LAYER_PATTERN, group=None, progress: bool = True,
-                device: torch.device | str | None = None, readahead: int | str = DEFAULT_BUDGET) -> CoreMask:
+                layer_pattern: str = DEFAULT_LAYER_PATTERN, group=None, shard_by: str = "slice",
+                progress: bool = True, device: torch.device | str | None = None,
+                readahead: int | str = DEFAULT_BUDGET) -> CoreMask:
     """The elements with the largest |tuned − base|: exactly round_half_up(fraction · N) of them.
 
     base, tuned: an nn.Module, a {name: tensor} dict, (name, tensor) pairs, a .safetensors file or a
     checkpoint directory (streamed). mode: "exact" | "approx". scope: "global" | "per_tensor" |
-    "per_layer". group: a torch.distributed process group whose ranks hold shards (see module doc).
+    "per_layer". group: a torch.distributed process group; shard_by: "slice" (each rank passes its
+    slices of every tensor) or "tensor" (each rank passes the whole checkpoint and reads only its
+    share of the tensors; gather the result with ParamMask.gather) — see the module doc.
     progress: a tqdm bar over tensors. device: where the kernels run (default: base's first tensor's
     device; checkpoints: CPU). readahead: bytes of checkpoint data read ahead of the kernels (int or
     '64MB'; 0: no reader thread). Returns a CoreMask (a ParamMask with `.info`); see the module doc
@@ -304,15 +319,23 @@ def core_region(base: Any, tuned: Any, fraction: float = 0.01, *, mode: str = "e
         raise ValueError(f"core_region: mode must be 'exact' or 'approx', got {mode!r}")
     if scope not in ("global", "per_tensor", "per_layer"):
         raise ValueError(f"core_region: scope must be 'global', 'per_tensor' or 'per_layer', got {scope!r}")
+    if shard_by not in SHARD_BY:
+        raise ValueError(f"core_region: shard_by must be 'slice' or 'tensor', got {shard_by!r}")
     readahead = check_budget(readahead, "core_region: readahead")
     src_b, src_t = open_tensors(base, "base"), open_tensors(tuned, "tuned")
     try:
         tuned_leads = isinstance(tuned, torch.nn.Module) and not isinstance(base, torch.nn.Module)
         names = _order(src_b, src_t, tuned_leads)
         layout = MaskLayout(names, tuple(src_b.shape(n) for n in names))
+        owned = None  # the names this rank reads (None: all)
+        if group is not None and shard_by == "tensor":
+            _check_same_layout(layout, src_b, group)
+            rank, world = group_rank_world(group)
+            owned = set(tensor_shares(names, [src_b.nbytes(n) + src_t.nbytes(n) for n in names], world)[rank])
         if device is None:
-            in_memory = names and not src_b.is_streamed
-            device = src_b.get(names[0]).device if in_memory else torch.device("cpu")
+            first = next((n for n in names if owned is None or n in owned), None)
+            in_memory = first is not None and not src_b.is_streamed
+            device = src_b.get(first).device if in_memory else torch.device("cpu")
         device = torch.device(device)
         words = torch.zeros(layout.num_words, dtype=torch.int32, device=device)
         pairs = _Pairs(src_b, src_t, device, readahead)
@@ -323,7 +346,7 @@ def core_region(base: Any, tuned: Any, fraction: float = 0.01, *, mode: str = "e
         groups = []
         members_of = _groups(names, scope, layer_pattern)
         try:
-            if scope == "per_tensor":  # one pair per group, held across its passes: read the next ones ahead
+            if scope == "per_tensor" and owned is None:  # one pair per group, held across its passes: read ahead
                 for (gname, (i,)), (name, a, b) in zip(members_of, pairs.stream(list(names))):
                     pairs.hold(name, a, b)
                     groups.append(_select_group(gname, [name], [layout.offsets[i]], pairs, words, fraction, mode,
@@ -332,7 +355,7 @@ def core_region(base: Any, tuned: Any, fraction: float = 0.01, *, mode: str = "e
                 for gname, members in members_of:
                     groups.append(_select_group(gname, [names[i] for i in members],
                                                 [layout.offsets[i] for i in members], pairs, words, fraction, mode,
-                                                group, bar))
+                                                group, bar, owned))
         finally:
             bar.close()
     finally:
@@ -354,12 +377,37 @@ def core_region(base: Any, tuned: Any, fraction: float = 0.01, *, mode: str = "e
     return CoreMask(layout, words, info)
 
 
+def _check_same_layout(layout: MaskLayout, src: TensorSource, group) -> None:
+    """shard_by="tensor": every rank must see the same checkpoint (names, shapes, dtypes)."""
+    import hashlib
+
+    import torch.distributed as dist
+
+    text = layout.to_json() + "|" + ",".join(str(src.dtype(n)) for n in layout.names)
+    mine = hashlib.sha256(text.encode()).hexdigest()
+    rank, world = group_rank_world(group)
+    seen: list = [None] * world
+    dist.all_gather_object(seen, mine, group=group)
+    other = next((r for r, h in enumerate(seen) if h != seen[0]), None)
+    if other is not None:
+        raise ValueError(f"core_region(shard_by='tensor'): rank {other} sees other tensors (names, shapes or dtypes) "
+                         f"than rank 0 in {src.description}: every rank must pass the same whole checkpoint "
+                         f"(use shard_by='slice' for per-rank slices)")
+
+
 def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pairs, words: torch.Tensor,
-                  fraction: float, mode: str, group, bar) -> GroupSelection:
-    single = len(names) == 1  # keep the one pair in memory across the passes
+                  fraction: float, mode: str, group, bar, owned: set[str] | None = None) -> GroupSelection:
+    """One group's exact (or approx) top-k. `owned`: shard_by="tensor", the names this rank reads
+    (the others count in N but are read by their owners); None: every name (slices under a group)."""
     numel = sum(pairs.base.numel(n) for n in names)
-    if group is not None:
+    if group is not None and owned is None:
         numel = int(_all_reduce(torch.tensor([numel], dtype=torch.int64), group).item())
+    all_names, all_offsets = names, offsets  # tie counts are exchanged over every name of the group
+    if owned is not None:
+        keep = [i for i, n in enumerate(names) if n in owned]
+        bar.update((3 if mode == "exact" else 2) * (len(names) - len(keep)))  # the other ranks' tensors
+        names, offsets = [names[i] for i in keep], [offsets[i] for i in keep]
+    single = len(names) == 1  # keep the one pair in memory across the passes
     k = round_half_up(fraction, numel)
 
     # pass 1: histogram of key >> 16, and the Inf/NaN check
@@ -435,9 +483,9 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
                 left -= min(left, eq)
             bar.update(len(batch))
         bar.update(len(names) - len(reach))
-        counts = [ties[name] for name in names]
+        counts = [ties.get(name, 0) for name in all_names]  # 0 for the other ranks' tensors
         if distributed_ties:
-            _distribute_ties(names, offsets, pairs, words, threshold, budget, counts, group)
+            _distribute_ties(all_names, all_offsets, pairs, words, threshold, budget, counts, group)
     else:
         bar.update(len(names))
     return GroupSelection(name=gname, numel=numel, k=k, selected=0, nonzero=nonzero,  # selected: set by the caller

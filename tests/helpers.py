@@ -57,3 +57,36 @@ def stage_digests(root: str) -> dict[str, str]:
             with open(os.path.join(dirpath, MANIFEST)) as f:
                 out[os.path.relpath(dirpath, root).replace(os.sep, "/")] = json.load(f)["digest"]
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a launcher's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, fn, world: int, init_file: str, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # as a worker started with OMP_NUM_THREADS=1 (compare with one_thread())
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, tmp_dir, *args) -> None:
+    """fn(rank, world, *args) in `world` forked processes joined in one gloo group (the default
+    group, initialised through a file in `tmp_dir`), each on one intra-op thread; raises if any
+    rank fails. `fn` must be a module-level function; results go through files."""
+    import torch.multiprocessing as mp
+
+    init_file = os.path.join(str(tmp_dir), f"init-{os.getpid()}-{world}")
+    if os.path.exists(init_file):
+        os.unlink(init_file)
+    mp.start_processes(_rank_main, args=(fn, world, init_file, args), nprocs=world, start_method="fork")

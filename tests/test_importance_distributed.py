@@ -8,13 +8,12 @@ The test runs this file as a script (fresh interpreter, torch.multiprocessing.sp
 """
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import one_thread
+from helpers import free_port, one_thread
 
 TASKS = ("a", "b")
 SCHEDULE = "aabbabab"
@@ -82,12 +81,6 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_epi_under_fsdp2_and_ddp_matches_single_process(tmp_path):
     env = dict(os.environ, CPIFT_BACKEND="cpp", OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
@@ -121,4 +114,4 @@ if __name__ == "__main__":
 
     if not torch.distributed.is_available():
         pytest.skip("torch was built without torch.distributed", allow_module_level=True)
-    mp.spawn(_worker, args=(2, _free_port(), sys.argv[1]), nprocs=2)
+    mp.spawn(_worker, args=(2, free_port(), sys.argv[1]), nprocs=2)

@@ -195,3 +195,59 @@ def test_source_errors(tmp_path):
         io.open_tensors(3)
     with pytest.raises(KeyError, match="no tensor named 'nope'"):
         io.open_tensors({"a": torch.ones(1)}).get("nope")
+
+
+# ----- GroupShardedWriter: planned layout, the bytes ShardedWriter writes ---------------------------
+
+def _files_bytes(path):
+    return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
+
+
+@pytest.mark.parametrize("case", ["several shards", "header past the reservation", "empty"])
+def test_group_writer_writes_the_bytes_of_sharded_writer(tmp_path, case):
+    g = torch.Generator().manual_seed(0)
+    if case == "several shards":
+        tensors = {f"layers.{i}.w": torch.randn(37 * (i % 4) + 1, generator=g).to(
+            [torch.float32, torch.bfloat16, torch.float16][i % 3]) for i in range(12)}
+        tensors["ids"] = torch.arange(10)
+        tensors["zero"] = torch.zeros(0)
+    elif case == "header past the reservation":  # > 256 KiB of JSON header in one shard: the rewrite path
+        tensors = {f"model.layers.{i}.a_rather_long_tensor_name_to_fill_the_header.weight": torch.ones(1)
+                   for i in range(3000)}
+    else:
+        tensors = {}
+    limit = "5GB" if case == "header past the reservation" else "1KB"
+    io.save_sharded(tensors, tmp_path / "plain", max_shard_size=limit, metadata={"producer": "x"})
+    plan = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    if case == "header past the reservation":
+        assert len(io.plan_shards(plan, limit)) == 1
+        assert len(io._header_block(io.plan_shards(plan, limit)[0], {"format": "pt"})) > io._HEADER_RESERVE
+    with io.GroupShardedWriter(tmp_path / "planned", plan, max_shard_size=limit, metadata={"producer": "x"}) as w:
+        for name in reversed(list(tensors)):  # any order
+            w.add(name, tensors[name])
+    assert _files_bytes(tmp_path / "planned") == _files_bytes(tmp_path / "plain")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_group_writer_checks_what_is_added(tmp_path):
+    plan = [("a", torch.float32, (2,)), ("b", torch.float32, (3,))]
+    with pytest.raises(RuntimeError, match=r"tensor 'b' was added by no rank; nothing was written"):
+        with io.GroupShardedWriter(tmp_path / "out", plan) as w:
+            w.add("a", torch.zeros(2))
+            with pytest.raises(ValueError, match="tensor 'c' is not one of the planned tensors"):
+                w.add("c", torch.zeros(2))
+            with pytest.raises(ValueError, match=r"tensor 'a' added twice"):
+                w.add("a", torch.zeros(2))
+            with pytest.raises(ValueError, match=r"tensor 'b' is torch.float64 of shape \[3\]; the plan has F32 "
+                                                 r"of shape \[3\]"):
+                w.add("b", torch.zeros(3, dtype=torch.float64))
+    assert os.listdir(tmp_path) == []  # nothing written, no temp left
+    with pytest.raises(KeyError, match="boom"):
+        with io.GroupShardedWriter(tmp_path / "out", plan) as w:
+            w.add("a", torch.zeros(2))
+            raise KeyError("boom")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="exists; pass overwrite=True"):
+        with io.GroupShardedWriter(tmp_path / "out", plan):
+            pass

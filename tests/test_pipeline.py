@@ -92,6 +92,22 @@ def test_core_masks_are_exact_top_p(tiny_run):
         assert inside.min() >= outside.max(), f"{task}: a non-core element changed more than a core element"
 
 
+def test_seed_core_stage_collects_the_per_task_cores(tiny_run):
+    """seed0/core holds each task's mask from seed0/cores/<task> (a hard link: the same file) and the
+    stats of all tasks in one core_stats.json — the files a single core stage used to write."""
+    _, root = tiny_run
+    merged = {}
+    for task in TINY["tasks"]:
+        own = os.path.join(root, "seed0", "cores", task)
+        assert sorted(f for f in os.listdir(own) if f != MANIFEST) == ["core_stats.json", f"{task}.mask"]
+        assert os.path.samefile(os.path.join(own, f"{task}.mask"), os.path.join(root, "seed0", "core", f"{task}.mask"))
+        with open(os.path.join(own, "core_stats.json")) as f:
+            merged.update(json.load(f))
+    with open(os.path.join(root, "seed0", "core", "core_stats.json")) as f:
+        assert json.load(f) == merged and set(merged) == set(TINY["tasks"])
+    assert all(merged[t]["count"] == _mask(root, t).count() for t in TINY["tasks"])
+
+
 def test_groups_follow_jaccard_threshold(tiny_run):
     _, root = tiny_run
     with open(os.path.join(root, "seed0", "group", "group.json")) as f:

@@ -3,7 +3,8 @@ $(which cpift) run CFG` with DDP, `accelerate launch --multi_gpu --num_processes
 run CFG` with FSDP2 and activation checkpointing (both launchers only set the process environment;
 the strategy comes from the config). Every stage — checkpoints, core masks, groups, fused tensors, evaluation results, loss
 curves — is bit-identical to the 1-process run with the same two micro-batches per step (train.py:
-both add the same two micro-batch gradients), frozen elements are checked on every rank, and the
+both add the same two micro-batch gradients), frozen elements are checked on every rank, core
+selection and fusion run on both ranks (each reads and writes its share of the tensors), and the
 run directory holds what one process would have written.
 
 Plus the pieces that need no second process: the step / micro-batch plan, the config checks.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -27,7 +27,7 @@ from cpift_fast.pipeline.data import RankBatches, micro_batches, shuffled_batche
 from cpift_fast.pipeline.driver import run_pipeline
 from cpift_fast.pipeline.run import MANIFEST
 
-from helpers import stage_digests
+from helpers import free_port, stage_digests
 from test_pipeline import TINY
 
 # the pipeline tests' TINY (every CPI-FT stage, the baselines, compare_modes, one forgetting pair)
@@ -53,18 +53,12 @@ LAUNCHERS = {  # two processes on this machine
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(launcher: str, cfg: dict, runs: str, tmp_path) -> subprocess.CompletedProcess:
     path = tmp_path / f"{cfg['name']}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", CPIFT_BACKEND="cpp")
     env.pop("TRITON_INTERPRET", None)
-    port = [str(_free_port())] if launcher == "accelerate" else []
+    port = [str(free_port())] if launcher == "accelerate" else []
     cmd = LAUNCHERS[launcher] + port + [_cpift(), "run", str(path), "--runs-dir", runs, "--no-progress"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
@@ -121,6 +115,9 @@ def test_two_processes_equal_one_bit_for_bit(reference, tmp_path, strategy, laun
         else:  # each rank checked its shards, together every frozen element
             assert sum(per_rank) == info["frozen_checked"] and (info["frozen_checked"] == 0 or min(per_rank) > 0), key
     assert sum(info["frozen_checked"] for info in trained.values()) > 0
+    # core selection and fusion ran on both ranks (each its share of the tensors), not on rank 0 alone
+    sharded = {k: m["info"] for k, m in _manifests(root).items() if "/cores/" in k or k.endswith("fuse")}
+    assert len(sharded) >= 5 and all(info["processes"] == 2 for info in sharded.values()), sharded
 
     with open(os.path.join(root, "base", "config.json")) as f:
         assert json.load(f)["architectures"] == ["LlamaForCausalLM"]
@@ -271,8 +268,8 @@ def _errors_worker(rank: int, port: int, out_dir: str) -> None:
 @pytest.mark.slow
 def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
     script = ("import sys, torch.multiprocessing as mp; sys.path.insert(0, sys.argv[1]); "
-              "from test_pipeline_distributed import _errors_worker, _free_port; "
-              "mp.spawn(_errors_worker, args=(_free_port(), sys.argv[2]), nprocs=2)")
+              "from test_pipeline_distributed import _errors_worker; from helpers import free_port; "
+              "mp.spawn(_errors_worker, args=(free_port(), sys.argv[2]), nprocs=2)")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__), str(tmp_path)], env=env,

@@ -18,7 +18,8 @@ from .dist import launched_world_size
 from .dist import setup as setup_dist
 from .methods import METHODS, cpift_consolidation_modes, forgetting, probes
 from .run import KINDS, PER_TASK, MissingStageError, NotSelected, Run
-from .stages import Env, base_stage, core_stage, eval_stage, load_json, probe_stage, scores, train_spec
+from .stages import (Env, base_stage, core_stage, eval_stage, load_json, probe_stage, scores, task_core_stage,
+                     train_spec)
 
 
 def run_pipeline(cfg: Config, runs_dir: str = "runs", from_kind: str | None = None, seeds: int | None = None,
@@ -118,9 +119,14 @@ def _run_seed(env: Env, base) -> dict:
         per["scores"]["base"] = scores(eval_stage(env, "base", base))
     if "cpift" in cfg["methods"] or cfg["forgetting"]["pairs"]:
         probe = {}
-        for name in cfg.task_names:
+        for name in cfg.task_names if env.run.task is None else [env.run.task]:
             with _branch():
                 probe[name] = probe_stage(env, base, name)
+        for name, stage in probe.items():  # each task's core, on its own (--stage core --task NAME)
+            with _branch():
+                task_core_stage(env, base, name, stage)
+        if env.run.task is not None:  # --task: that task's per-task stages are all there is to do
+            return per
         own = {}
         for name, stage in probe.items():
             with _branch():

@@ -25,17 +25,18 @@ files can fail that reader, so re-run with ``--from`` from one process at a time
 ``flock``: local file systems and NFSv4 (Linux maps it to POSIX locks there).
 
 One stage kind at a time (``cpift run CFG --stage KIND [--task NAME]``, cluster fan-out): a Run
-made with ``only=KIND`` (and ``task=NAME`` for a per-task kind) computes only the stages of that
-kind (of that task). Every other stage it is asked for must be finished: an unfinished one of an
-earlier kind is a missing input (``MissingStageError``, nothing upstream is computed; one that
+made with ``only=KIND`` (and ``task=NAME`` for a per-task kind: ``PER_TASK``, probe and core)
+computes only the stages of that kind (of that task). Every other stage it is asked for must be
+finished: an unfinished one of an earlier kind is a missing input (``MissingStageError``, nothing upstream is computed; one that
 another process is computing right now is waited for); an unfinished one of a later kind, or
 another task's piece of the kind, is not this command's work (``NotSelected``: the caller drops the
 part of the pipeline that needs it, without waiting for a process that holds its lock).
 
 Several processes of one launch (torchrun, accelerate launch; ``dist=``, see dist.py): rank 0 alone
 locks, checks, cleans and publishes, and broadcasts each decision and outcome; a ``collective``
-stage (training) runs its function on every rank, any other stage on rank 0 only. Every rank ends
-each ``stage`` call with the same StageOut, or the same error.
+stage (training; core selection and fusion from local checkpoints) runs its function on every
+rank, any other stage on rank 0 only. Every rank ends each ``stage`` call with the same StageOut,
+or the same error.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ KINDS = ("base", "probe", "core", "group", "stages", "fuse", "consolidate", "for
 MANIFEST = "manifest.json"
 LOCKS = ".locks"
 VERIFY = ("fast", "full")
-PER_TASK = ("probe",)  # kinds with one stage per task (key .../<kind>/<task>): --task selects one
+# kinds with one stage per task, and the key segment above the task (seedK/probe/<task>,
+# seedK/cores/<task>): --task selects one. (The seed-level core stage, seedK/core, collects the cores.)
+PER_TASK = {"probe": "probe", "core": "cores"}
 _TEMP_PREFIXES = (".tmp-", ".old-")
 
 
@@ -76,12 +79,19 @@ class StageOut:
     manifest: dict
 
 
+def task_of(key: str, kind: str) -> str | None:
+    """The task of a per-task stage (key .../<PER_TASK[kind]>/<task>), else None."""
+    parts = key.split("/")
+    segment = PER_TASK.get(kind)
+    return parts[-1] if segment is not None and len(parts) >= 2 and parts[-2] == segment else None
+
+
 class MissingStageError(ValueError):
     """A ``--stage`` command needs an input stage (of an earlier kind) that is not finished."""
 
     def __init__(self, key: str, kind: str, needed_by: str, config: str = "CONFIG"):
         self.key, self.kind, self.needed_by, self.config = key, kind, needed_by, config
-        task = f" --task {key.rsplit('/', 1)[1]}" if kind in PER_TASK else ""
+        task = f" --task {task_of(key, kind)}" if task_of(key, kind) is not None else ""
         super().__init__(f"--stage {needed_by} needs stage {key}, which is not finished: run "
                          f"`cpift run {config} --stage {kind}{task}` first")
 
@@ -299,7 +309,7 @@ class Run:
         """Whether this Run computes stage `key` of `kind` (every stage unless made with `only`)."""
         if self.only is None:
             return True
-        return kind == self.only and (self.task is None or key.rsplit("/", 1)[-1] == self.task)
+        return kind == self.only and (self.task is None or task_of(key, kind) == self.task)
 
     def _warn(self, message: str) -> None:
         self.warnings.append(message)

@@ -2,7 +2,8 @@
 
     base         tiny model: "pretraining" on the generic mix; hub model: a pointer to it
     probe/T      fine-tune the base on task T alone for the probe budget (paper: 1 epoch)
-    core         core region of each task: top p of |θ_T − θ_0| over the whole model
+    cores/T      core region of task T: top p of |θ_T − θ_0| over the whole model
+    core         the cores of every task, collected (hard links) with their stats
     group        Jaccard matrix of the cores, groups (connected components of J ≥ τ), stage order
     <m>/stageK   SFT on the tasks of group K; optionally frozen: the union of earlier groups' cores
     epi/train, epi_static/train   EPI: multi-task SFT with per-task importance masks (drift.json)
@@ -14,7 +15,10 @@
 Every stage reads its inputs from disk, so a resumed run computes the same values as an
 uninterrupted one. Every training stage ends with the run-time freeze check (train.py). In a
 multi-process launch (dist.py) the training stages are collective (every rank trains, rank 0
-writes) and every other stage runs on rank 0.
+writes); so are core selection and fusion when the base is a local checkpoint (not a hub model):
+each rank reads and computes its share of the tensors (cpift_fast.shard), the top-k is global,
+fusion's ranks each write their share of the output shards, and the results are those of one
+process bit for bit. Every other stage runs on rank 0.
 """
 
 from __future__ import annotations
@@ -253,22 +257,59 @@ def tensor_source(stage: StageOut, dtype: str = "float32"):
     return stage.path
 
 
-def core_stage(env: Env, base: StageOut, probes: dict[str, StageOut]) -> StageOut:
-    """Core region of each task: exactly round(p·N) elements with the largest |θ_task − θ_base|."""
+def _local(stage: StageOut) -> bool:
+    """Whether a stage holds its checkpoint (not a pointer to a hub model)."""
+    return not os.path.exists(os.path.join(stage.path, SOURCE_FILE))
+
+
+def task_core_stage(env: Env, base: StageOut, task: str, probe: StageOut) -> StageOut:
+    """Core region of one task: exactly round(p·N) elements with the largest |θ_task − θ_base|
+    (``cores/<task>``: ``<task>.mask`` and ``core_stats.json``). Under a multi-process launch with a
+    local base every rank selects on its share of the tensors (shard_by="tensor"), rank 0 writes."""
     p = float(env.cfg["cpift"]["p"])
+    dist = env.run.dist
+    sharded = dist.enabled and _local(base)
 
     def fn(out):
-        base_src = tensor_source(base, env.cfg["model"]["dtype"])
+        group = dist.group if sharded else None
+        mask = core_region(tensor_source(base, env.cfg["model"]["dtype"]), probe.path, fraction=p,
+                           progress=env.progress, group=group, shard_by="tensor")
+        full = mask.gather(group) if sharded else mask  # rank 0: the full mask; others: None
+        if full is None:
+            return {}
+        full.save(os.path.join(out, f"{task}.mask"))
+        stats = {task: {"count": full.count(), "numel": full.numel, "per_tensor": full.count_per_tensor(),
+                        "per_layer": [list(row) for row in layer_breakdown(full, LAYER_PATTERN)]}}
+        _dump(stats, os.path.join(out, "core_stats.json"))
+        return {task: stats[task]["count"], "processes": dist.world if sharded else 1}
+
+    return env.run.stage(env.key("cores", task), "core", {"p": p}, [base, probe], fn, seed=env.seed,
+                         collective=sharded)
+
+
+def _link(src: str, dst: str) -> None:
+    """dst as a hard link to src (a copy where the file system cannot link)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def core_stage(env: Env, base: StageOut, probes: dict[str, StageOut]) -> StageOut:
+    """The cores of every task (``cores/<task>``, computed here when missing), collected into one
+    stage: ``<task>.mask`` for each (hard links) and their stats in one ``core_stats.json``."""
+    cores = {name: task_core_stage(env, base, name, probe) for name, probe in probes.items()}
+
+    def fn(out):
         stats = {}
-        for name, probe in probes.items():
-            mask = core_region(base_src, probe.path, fraction=p, progress=env.progress)
-            mask.save(os.path.join(out, f"{name}.mask"))
-            stats[name] = {"count": mask.count(), "numel": mask.numel, "per_tensor": mask.count_per_tensor(),
-                           "per_layer": [list(row) for row in layer_breakdown(mask, LAYER_PATTERN)]}
+        for name, stage in cores.items():
+            _link(os.path.join(stage.path, f"{name}.mask"), os.path.join(out, f"{name}.mask"))
+            stats.update(load_json(stage, "core_stats.json"))
         _dump(stats, os.path.join(out, "core_stats.json"))
         return {name: s["count"] for name, s in stats.items()}
 
-    return env.run.stage(env.key("core"), "core", {"p": p}, [base] + list(probes.values()), fn, seed=env.seed)
+    return env.run.stage(env.key("core"), "core", {"p": float(env.cfg["cpift"]["p"])}, list(cores.values()), fn,
+                         seed=env.seed)
 
 
 def group_stage(env: Env, core: StageOut) -> StageOut:
@@ -296,22 +337,28 @@ def fuse_stage(env: Env, key: str, backbone: StageOut, probes: dict[str, StageOu
     streamed from the checkpoint directories to a sharded safetensors checkpoint. `kind`: the stage
     kind (the forgetting experiment's fusion is of kind "forgetting")."""
     c = env.cfg["cpift"]
+    dist = env.run.dist
+    sharded = dist.enabled and _local(base)  # every rank fuses and writes its share of the tensors
 
     def fn(out):
         fused_dir = os.path.join(out, "fused")
         cores = {n: os.path.join(core.path, f"{n}.mask") for n in probes}
         _, stats = fuse_models(backbone.path, {n: s.path for n, s in probes.items()}, cores, t=c["t"],
                                base=tensor_source(base, env.cfg["model"]["dtype"]), overlap_rule=c["overlap_rule"],
-                               out=fused_dir, progress=env.progress)
+                               out=fused_dir, progress=env.progress, group=dist.group if sharded else None)
+        if not dist.is_main:
+            return {}
         for fname in os.listdir(fused_dir):  # the checkpoint files, without the backbone's run records
             if fname not in ("manifest.json", "loss.json"):
                 os.replace(os.path.join(fused_dir, fname), os.path.join(out, fname))
         shutil.rmtree(fused_dir)
         _dump(_jsonable(stats), os.path.join(out, "fuse_stats.json"))
-        return {k: _jsonable(stats[k]) for k in ("modes", "transplanted", "overlapping") if k in stats}
+        return {**{k: _jsonable(stats[k]) for k in ("modes", "transplanted", "overlapping") if k in stats},
+                "processes": dist.world if sharded else 1}
 
     params = {"t": c["t"], "overlap_rule": c["overlap_rule"]}
-    return env.run.stage(key, kind, params, [backbone, core, base] + list(probes.values()), fn, seed=env.seed)
+    return env.run.stage(key, kind, params, [backbone, core, base] + list(probes.values()), fn, seed=env.seed,
+                         collective=sharded)
 
 
 def _jsonable(obj):
