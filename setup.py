@@ -8,9 +8,9 @@ The C++ extension `cpift_fast._C` is compiled here only when torch is importable
   at first use (cpift_fast/_extension.py: JIT, cached).
 - `CPIFT_BUILD_EXT=1`: compile or stop with the command that works; `CPIFT_BUILD_EXT=0` or
   `CPIFT_SKIP_EXT=1`: never compile here.
-- CPU: csrc/*.cpp. `-march=native` unless CPIFT_PORTABLE=1 or the build makes a wheel (bdist_wheel:
-  `pip wheel`, `python -m build`, and `pip install` of a directory or sdist, which goes through a
-  wheel): a wheel may run on another CPU. Editable installs and `build_ext --inplace` stay native.
+- CPU: csrc/*.cpp, never `-march=native`: each kernel source is compiled once per CPU capability
+  (DEFAULT with the extension; AVX2, AVX512 on x86-64 as extra objects) and the kernels choose one
+  at run time, so a wheel or a shared build runs on every CPU of its architecture.
 - CUDA: csrc/cuda/*.cu too when torch has CUDA and nvcc is found, or FORCE_CUDA=1; GPU archs from
   TORCH_CUDA_ARCH_LIST, default the local GPUs, else 8.0;9.0. MAX_JOBS is honoured by torch.
 """
@@ -67,8 +67,7 @@ def _extensions():
     if cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs  # what torch's BuildExtension reads
     srcs = [os.path.relpath(p, HERE) for p in ext.sources(HERE / "csrc", cuda=cuda)]
-    args = {"extra_compile_args": {"cxx": ext.cxx_flags(portable=ext.portable(), cuda=cuda)},
-            "extra_link_args": ext.LINK_FLAGS}
+    args = {"extra_compile_args": {"cxx": ext.cxx_flags(cuda=cuda)}, "extra_link_args": ext.LINK_FLAGS}
     if cuda:
         args["extra_compile_args"]["nvcc"] = ext.NVCC_FLAGS
         extension = CUDAExtension("cpift_fast._C", srcs, **args)
@@ -76,20 +75,22 @@ def _extensions():
         extension = CppExtension("cpift_fast._C", srcs, **args)
 
     class BuildExt(BuildExtension):
-        """torch's BuildExtension; portable flags for a wheel, and a build record beside the library."""
+        """torch's BuildExtension, plus the kernels of the other CPU capabilities (extra objects) and a
+        build record beside the library."""
 
         def build_extensions(self):
-            is_portable = ext.portable(wheel="bdist_wheel" in self.distribution.commands)
-            for e in self.extensions:
-                e.extra_compile_args["cxx"] = ext.cxx_flags(portable=is_portable, cuda=cuda)
-            print(f"cpift_fast: building the C++ extension from {len(srcs)} sources, "
-                  f"{'portable' if is_portable else '-march=native'}; CUDA: {why}"
-                  + (f", archs {archs}" if cuda else ""), file=sys.stderr)
+            print(f"cpift_fast: building the C++ extension from {len(srcs)} sources, CPU capabilities "
+                  f"{', '.join(ext.capabilities())}; CUDA: {why}" + (f", archs {archs}" if cuda else ""),
+                  file=sys.stderr)
             super().build_extensions()
-            self._record = ext.build_record(how="prebuilt", portable_build=is_portable, cuda=cuda, archs=archs,
-                                            path=None)
+            self._record = ext.build_record(how="prebuilt", cuda=cuda, archs=archs, path=None)
             self._record["built_by"] = " ".join(["setup.py", *self.distribution.commands])
             self._write_records()  # beside the library in build_lib (what a wheel holds)
+
+        def build_extension(self, extension):
+            extension.extra_objects = ext.capability_objects(HERE / "csrc", Path(self.build_temp) / "capabilities",
+                                                             cuda=cuda)
+            super().build_extension(extension)
 
         def run(self):
             super().run()

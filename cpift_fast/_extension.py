@@ -8,10 +8,15 @@ built, CUDA) kernels with the dispatcher. The library comes from one of two plac
    ``pip wheel --no-build-isolation``). A record ``_C.build.json`` beside it says how.
 2. **jit** — compiled on first use with ``torch.utils.cpp_extension.load`` from the sources
    installed with the package (``cpift_fast/csrc``; ``csrc/`` of a source checkout), into
-   ``cache_dir()/<key>/``. The key names torch, Python and CUDA and hashes the flags, the source
-   text and (for ``-march=native``) the CPU, so a new torch, new sources or another CPU model
-   compile anew and never load a stale library. One process compiles; others wait on an ``flock``
-   of the build directory (released by the kernel if the compiling process dies).
+   ``cache_dir()/<key>/``. The key names torch, Python and CUDA and hashes the flags and the source
+   text, so a new torch or new sources compile anew and never load a stale library. One process
+   compiles; others wait on an ``flock`` of the build directory (released by the kernel if the
+   compiling process dies).
+
+CPU code: no ``-march=native``. Every kernel source is compiled once per CPU capability — DEFAULT
+(the architecture's baseline, with the extension itself) and, on x86-64, AVX2 and AVX512 (extra
+objects, :func:`capability_objects`, flags in ``CAPABILITY_FLAGS``) — and the kernels choose among
+them at run time (csrc/dispatch.h), so one build runs on every x86-64 (and aarch64) machine.
 
 A prebuilt library that does not load (built against another torch) falls through to the JIT
 build, with one line on stderr saying so.
@@ -19,9 +24,11 @@ build, with one line on stderr saying so.
 Compile flags live here and only here; setup.py loads this file by path (in pip's isolated build
 environment there is no torch), so nothing at module level may import torch or cpift_fast.
 
-Environment: ``CPIFT_SKIP_EXT=1`` (no extension: pure-PyTorch/Triton paths), ``CPIFT_PORTABLE=1``
-(no ``-march=native``), ``CPIFT_CACHE_DIR`` (JIT cache), ``FORCE_CUDA=1`` (CUDA kernels without a
-visible GPU), ``TORCH_CUDA_ARCH_LIST`` (GPU archs), ``MAX_JOBS`` (parallel compile jobs).
+Environment: ``CPIFT_SKIP_EXT=1`` (no extension: pure-PyTorch/Triton paths), ``CPIFT_CACHE_DIR``
+(JIT cache), ``FORCE_CUDA=1`` (CUDA kernels without a visible GPU), ``TORCH_CUDA_ARCH_LIST`` (GPU
+archs), ``MAX_JOBS`` (parallel compile jobs), ``CXX`` (the compiler of the capability objects).
+At run time ``ATEN_CPU_CAPABILITY=default|avx2|avx512`` caps the capability, as for torch's own
+kernels.
 """
 
 from __future__ import annotations
@@ -35,8 +42,11 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
+import sysconfig
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +57,14 @@ from typing import Any
 #: -ffp-contract=off: no fused multiply-add contraction, so float results are bit-exact across
 #: compilers and flags (the same rule as nvcc's --fmad=false below).
 CXX_FLAGS = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off"]
-NATIVE_FLAG = "-march=native"
+#: x86-64 capabilities compiled beside DEFAULT: each kernel source once more per entry, with these
+#: flags (what the capability's kernels may use; csrc/dispatch.cpp checks the CPU has it all).
+CAPABILITY_FLAGS = {
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-mpopcnt"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", "-mpopcnt"],
+}
+#: Sources compiled once, with the extension (the others are kernel sources, one per op).
+SHARED_SOURCES = ("module.cpp", "dispatch.cpp")
 NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-DCPIFT_WITH_CUDA", "--fmad=false"]
 LINK_FLAGS = ["-fopenmp"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
@@ -55,14 +72,14 @@ JIT_NAME = "cpift_fast_C"
 BUILD_RECORD = "_C.build.json"
 
 
-def portable(wheel: bool = False) -> bool:
-    """True when the build must run on any CPU of its architecture: CPIFT_PORTABLE=1, or a wheel
-    (a wheel moves between machines, so it never carries -march=native)."""
-    return wheel or os.environ.get("CPIFT_PORTABLE") == "1"
+def cxx_flags(*, cuda: bool) -> list[str]:
+    return CXX_FLAGS + (["-DCPIFT_WITH_CUDA"] if cuda else [])
 
 
-def cxx_flags(*, portable: bool, cuda: bool) -> list[str]:
-    return CXX_FLAGS + ([] if portable else [NATIVE_FLAG]) + (["-DCPIFT_WITH_CUDA"] if cuda else [])
+def capabilities(machine: str | None = None) -> list[str]:
+    """The CPU capabilities compiled on `machine` (default: this one), DEFAULT first."""
+    machine = (machine or platform.machine()).lower()
+    return ["DEFAULT"] + (list(CAPABILITY_FLAGS) if machine in ("x86_64", "amd64") else [])
 
 
 def source_root() -> Path | None:
@@ -81,6 +98,51 @@ def sources(root: Path | str, *, cuda: bool) -> list[str]:
     if cuda:
         found += sorted(glob.glob(os.path.join(root, "cuda", "*.cu")))
     return found
+
+
+def kernel_sources(root: Path | str) -> list[str]:
+    """The sources compiled once per capability: csrc/*.cpp but SHARED_SOURCES."""
+    return [p for p in sources(root, cuda=False) if os.path.basename(p) not in SHARED_SOURCES]
+
+
+def capability_objects(root: Path | str, build_dir: Path | str, *, cuda: bool, compiler: str | None = None,
+                       jobs: int | None = None) -> list[str]:
+    """Compile every kernel source once per capability but DEFAULT into ``build_dir/<capability>/``
+    and return the object files, to be linked after the extension's own objects (csrc/dispatch.h
+    says why). An object is rebuilt when its command line, its source or a header changed.
+    `compiler`: $CXX, else c++; `jobs`: $MAX_JOBS, else the CPU count."""
+    import torch
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = compiler or os.environ.get("CXX") or "c++"
+    jobs = jobs or int(os.environ.get("MAX_JOBS") or os.cpu_count() or 1)
+    common = [compiler, "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+              *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}", *cxx_flags(cuda=cuda)]
+    newest_header = max((os.path.getmtime(h) for h in headers(root)), default=0.0)
+    commands = []
+    for cap in capabilities()[1:]:
+        out_dir = Path(build_dir) / cap
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for src in kernel_sources(root):
+            obj = out_dir / (Path(src).stem + ".o")
+            cmd = [*common, *CAPABILITY_FLAGS[cap], f"-DCPIFT_CAP={cap}", f"-DCPU_CAPABILITY={cap}",
+                   f"-DCPU_CAPABILITY_{cap}", "-c", src, "-o", str(obj)]
+            commands.append((obj, cmd, max(os.path.getmtime(src), newest_header)))
+
+    def build(obj: Path, cmd: list[str], newest_input: float) -> None:
+        record = obj.with_suffix(".cmd")
+        line = " ".join(cmd)
+        if obj.exists() and record.exists() and record.read_text() == line and obj.stat().st_mtime >= newest_input:
+            return
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"compiling {obj.parent.name} kernels failed: {line}\n{done.stderr[-3000:]}")
+        record.write_text(line)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(build, *c) for c in commands]:
+            future.result()
+    return [str(obj) for obj, _, _ in commands]
 
 
 def headers(root: Path | str) -> list[str]:
@@ -122,17 +184,6 @@ def cuda_archs() -> str:
     return DEFAULT_CUDA_ARCHS
 
 
-def cpu_model() -> str:
-    """Model name and ISA flags of this CPU (what -march=native compiles for)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            fields = {key.strip(): value for key, value in
-                      (line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)}
-        return f"{fields.get('model name', '').strip()} | {fields.get('flags', fields.get('Features', '')).strip()}"
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
-
-
 def cache_dir() -> Path:
     """$CPIFT_CACHE_DIR, else $XDG_CACHE_HOME/cpift_fast, else ~/.cache/cpift_fast."""
     if os.environ.get("CPIFT_CACHE_DIR"):
@@ -141,7 +192,7 @@ def cache_dir() -> Path:
     return Path(base) / "cpift_fast"
 
 
-def build_record(*, how: str, portable_build: bool, cuda: bool, archs: str | None, path: str | None,
+def build_record(*, how: str, cuda: bool, archs: str | None, path: str | None,
                  cache: str | None = None) -> dict[str, Any]:
     """How a library was (or will be) built: what `cpift info` shows and setup.py writes down."""
     import torch
@@ -150,9 +201,8 @@ def build_record(*, how: str, portable_build: bool, cuda: bool, archs: str | Non
         "how": how,
         "path": path,
         "built_against_torch": torch.__version__,
-        "cxx_flags": cxx_flags(portable=portable_build, cuda=cuda),
-        "cpu_target": "portable (the compiler's default ISA)" if portable_build
-        else f"native ({cpu_model().split(' | ')[0] or platform.machine()})",
+        "cxx_flags": cxx_flags(cuda=cuda),
+        "cpu_capability_flags": {cap: CAPABILITY_FLAGS.get(cap, []) for cap in capabilities()},
         "cuda": cuda,
         "cuda_archs": archs if cuda else None,
         "nvcc_flags": NVCC_FLAGS if cuda else None,
@@ -188,7 +238,7 @@ def _load_prebuilt() -> tuple[bool, str | None]:
     try:
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
-        record = {"cxx_flags": None, "cpu_target": None, "cuda": None, "cuda_archs": None,
+        record = {"cxx_flags": None, "cpu_capability_flags": None, "cuda": None, "cuda_archs": None,
                   "note": f"no readable build record {record_path}"}
     _INFO.update(record, how="prebuilt", path=spec.origin)
     return True, None
@@ -219,19 +269,17 @@ def _jit_plan() -> dict[str, Any]:
         raise FileNotFoundError("the C++ sources (csrc/*.cpp) are not installed with cpift_fast; reinstall it")
     cuda, _ = want_cuda()
     archs = cuda_archs() if cuda else None
-    is_portable = portable()
     srcs = sources(root, cuda=cuda)
     digest = hashlib.sha256()
-    digest.update(json.dumps([cxx_flags(portable=is_portable, cuda=cuda), NVCC_FLAGS if cuda else None, archs,
-                              LINK_FLAGS, torch.__version__, torch.version.git_version, sys.version,
-                              None if is_portable else cpu_model()]).encode())
+    digest.update(json.dumps([cxx_flags(cuda=cuda), CAPABILITY_FLAGS, capabilities(), NVCC_FLAGS if cuda else None,
+                              archs, LINK_FLAGS, torch.__version__, torch.version.git_version, sys.version,
+                              os.environ.get("CXX")]).encode())
     for path in srcs + headers(root):
         digest.update(os.path.relpath(path, root).encode() + b"\0" + Path(path).read_bytes() + b"\0")
     tag = f"cu{torch.version.cuda.replace('.', '')}" if cuda else "cpu"
     key = f"torch{torch.__version__.replace('+', '-')}-py{sys.version_info[0]}{sys.version_info[1]}-{tag}-" \
           f"{digest.hexdigest()[:16]}"
-    return {"root": root, "sources": srcs, "cuda": cuda, "archs": archs, "portable": is_portable,
-            "build_dir": cache_dir() / key}
+    return {"root": root, "sources": srcs, "cuda": cuda, "archs": archs, "build_dir": cache_dir() / key}
 
 
 def _load_jit() -> tuple[bool, str | None]:
@@ -249,8 +297,8 @@ def _load_jit() -> tuple[bool, str | None]:
         return False, str(exc)
     _ensure_ninja_on_path()
     library = build_dir / f"{JIT_NAME}.so"
-    record = build_record(how="jit", portable_build=plan["portable"], cuda=plan["cuda"], archs=plan["archs"],
-                          path=str(library), cache=str(cache_dir()))
+    record = build_record(how="jit", cuda=plan["cuda"], archs=plan["archs"], path=str(library),
+                          cache=str(cache_dir()))
     try:
         lock = open(build_dir / "cpift.lock", "a")
     except OSError as exc:  # a read-only cache (built once by someone else): load what is there
@@ -273,16 +321,17 @@ def _load_jit() -> tuple[bool, str | None]:
         if not library.exists():
             archs = f", CUDA archs {plan['archs']}" if plan["cuda"] else ", CPU only"
             _say(f"compiling the C++ extension for torch {record['built_against_torch']} "
-                 f"({len(plan['sources'])} sources, {' '.join(record['cxx_flags'])}{archs}) into {build_dir}; "
-                 "once per torch/flags/sources, a few minutes")
+                 f"({len(plan['sources'])} sources, {' '.join(record['cxx_flags'])}{archs}; CPU capabilities "
+                 f"{', '.join(capabilities())}) into {build_dir}; once per torch/flags/sources, a few minutes")
         saved_archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
         if plan["cuda"]:
             os.environ["TORCH_CUDA_ARCH_LIST"] = plan["archs"]
         try:
+            objects = capability_objects(plan["root"], build_dir / "capabilities", cuda=plan["cuda"])
             cpp_extension.load(
                 name=JIT_NAME, sources=plan["sources"], build_directory=str(build_dir),
                 extra_cflags=record["cxx_flags"], extra_cuda_cflags=NVCC_FLAGS if plan["cuda"] else None,
-                extra_ldflags=LINK_FLAGS, with_cuda=plan["cuda"], is_python_module=False, verbose=False)
+                extra_ldflags=LINK_FLAGS + objects, with_cuda=plan["cuda"], is_python_module=False, verbose=False)
         except Exception as exc:  # compiler missing, compile error, ninja missing: say which, keep going
             text = str(exc).strip()
             return False, (f"the JIT build of the C++ extension failed in {build_dir}: "
@@ -327,13 +376,19 @@ def load() -> tuple[bool, str | None]:
 
 def build_info() -> dict[str, Any]:
     """How the loaded extension was built: how ("prebuilt", "jit" or None), path,
-    built_against_torch, cxx_flags, cpu_target, cuda, cuda_archs, nvcc_flags, cache_dir (the JIT cache
-    that is or would be used), error (why it is not loaded, after load()), cpu_capability_here (the
-    vector ISA torch detects on this machine)."""
+    built_against_torch, cxx_flags, cpu_capability_flags, cuda, cuda_archs, nvcc_flags, cache_dir (the
+    JIT cache that is or would be used), error (why it is not loaded, after load()); the CPU
+    capability the kernels use (cpu_capability), the ones compiled and the ones this CPU supports
+    (None without the extension), and torch's (torch_cpu_capability)."""
     import torch
 
     info = dict(_INFO)
     if info.get("cache_dir") is None:
         info["cache_dir"] = str(cache_dir())
-    info["cpu_capability_here"] = torch.backends.cpu.get_cpu_capability()  # what torch finds on this CPU
+    loaded = info.get("how") is not None
+    cpu = torch.ops.cpift_cpu if loaded else None
+    info["cpu_capability"] = cpu.capability() if loaded else None
+    info["cpu_capabilities_compiled"] = list(cpu.compiled_capabilities()) if loaded else None
+    info["cpu_capabilities_supported"] = list(cpu.supported_capabilities()) if loaded else None
+    info["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     return info

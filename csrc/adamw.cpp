@@ -5,22 +5,23 @@
 // AdamW update, so g and θ are read from memory once.
 //
 // Trainable elements follow torch.optim.AdamW (decoupled decay first, bias correction, eps after
-// sqrt), computed in fp32 whatever the storage dtype (bf16/fp16 widened, rounded once on store).
-// Frozen elements are never modified: a word of 32 frozen elements is skipped entirely (no loads,
-// no stores); in a mixed word only the trainable lanes are stored (AVX-512: the frozen bits are the
-// inverted store mask).
-
+// sqrt), computed in fp32 whatever the storage dtype (bf16/fp16 widened, rounded once on store), on
+// ATen's Vectorized<float> of the capability this file is compiled for (dispatch.h). Frozen elements
+// are never modified: a vector of frozen lanes is skipped entirely (no loads, no stores); in a mixed
+// one only the trainable lanes are written (common.h, Lanes<T>::store).
+//
+// All tensors of a call are one work list of chunks over their elements, run by one at::parallel_for:
+// many small tensors keep every core busy as one large tensor does.
 // GCC 12 flags its own _mm512_undefined_ps() (self-initialised) when AVX-512 intrinsics inline.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "common.h"
 #include "ema.h"
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+#include <algorithm>
 #include <cmath>
-#include <cstring>
+#include <vector>
 
-namespace cpift {
+namespace cpift::CPIFT_CAP {
 namespace {
 
 struct AdamWConsts {
@@ -64,98 +65,17 @@ inline Moments adamw_math(float p, float g, float m, float v, float vmax, const 
   return {p, m, v, vm};
 }
 
-// Update elements [0, len) of a chunk, keeping the bits of every element whose bit in
-// `frozen_bits` is set. Portable path (no AVX-512): the math loop vectorizes (no-math-errno lets
-// the compiler use vector sqrt), then only trainable lanes are stored.
-template <typename P, typename S, bool AMSGRAD>
-__attribute__((optimize("no-math-errno"))) inline void update_chunk(
-    P* __restrict p, const P* __restrict g, S* __restrict m, S* __restrict v, S* __restrict vmax,
-    uint32_t frozen_bits, int len, const AdamWConsts& c) {
-  Moments r[32];
-#pragma omp simd
-  for (int j = 0; j < len; ++j)
-    r[j] = adamw_math<AMSGRAD>(widen(p[j]), widen(g[j]), widen(m[j]), widen(v[j]),
-                               AMSGRAD ? widen(vmax[j]) : 0.0f, c);
-  for (int j = 0; j < len; ++j) {
-    if ((frozen_bits >> j) & 1u) continue;  // frozen: never written
-    p[j] = narrow<P>(r[j].p);
-    m[j] = narrow<S>(r[j].m);
-    v[j] = narrow<S>(r[j].v);
-    if constexpr (AMSGRAD) vmax[j] = narrow<S>(r[j].vm);
-  }
-}
-
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(CPIFT_ADAMW_NO_AVX512)
-#define CPIFT_ADAMW_AVX512 1
-
-// 16 lanes of T widened to fp32: masked load (lanes outside `k` read as 0, never touched in memory)
-// and masked store (only lanes in `k` are written; the others keep their bits). Conversions are the
-// common.h helpers, bit-identical to the scalar widen / narrow.
-template <typename T> struct Lanes;
-
-template <> struct Lanes<float> {
-  static __m512 load(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
-  static void store(float* p, __mmask16 k, __m512 x) { _mm512_mask_storeu_ps(p, k, x); }
-};
-
-template <> struct Lanes<c10::BFloat16> {
-  static __m512 load(const c10::BFloat16* p, __mmask16 k) { return bf16x16_to_f32(_mm256_maskz_loadu_epi16(k, p)); }
-  static void store(c10::BFloat16* p, __mmask16 k, __m512 x) { _mm256_mask_storeu_epi16(p, k, f32x16_to_bf16(x)); }
-};
-
-template <> struct Lanes<c10::Half> {
-  static __m512 load(const c10::Half* p, __mmask16 k) { return f16x16_to_f32(_mm256_maskz_loadu_epi16(k, p)); }
-  static void store(c10::Half* p, __mmask16 k, __m512 x) { _mm256_mask_storeu_epi16(p, k, f32x16_to_f16(x)); }
-};
-
-// adamw_math on 16 elements: `valid` lanes exist, `write` lanes (valid and trainable) are updated.
-template <typename P, typename S, bool AMSGRAD>
-inline void update16(P* p, const P* g, S* m, S* v, S* vmax, __mmask16 valid, __mmask16 write,
-                     const AdamWConsts& c) {
-  __m512 gj = Lanes<P>::load(g, valid);
-  if (c.has_scale) gj = _mm512_div_ps(gj, _mm512_set1_ps(c.grad_scale));
-  if (c.maximize) gj = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(gj), _mm512_set1_epi32(INT32_MIN)));
-  const __m512 pj = _mm512_mul_ps(Lanes<P>::load(p, valid), _mm512_set1_ps(c.decay));
-  __m512 mj = Lanes<S>::load(m, valid);
-  __m512 vj = Lanes<S>::load(v, valid);
-  mj = _mm512_fmadd_ps(_mm512_set1_ps(c.lerp_coeff), _mm512_sub_ps(gj, mj), c.lerp_from_m ? mj : gj);
-  vj = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(c.one_minus_beta2), gj), gj,
-                       _mm512_mul_ps(vj, _mm512_set1_ps(c.beta2)));
-  __m512 vm = vj;
-  if constexpr (AMSGRAD) {
-    vm = _mm512_max_ps(Lanes<S>::load(vmax, valid), vj);
-    Lanes<S>::store(vmax, write, vm);
-  }
-  const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(vm), _mm512_set1_ps(c.bc2_sqrt)),
-                                     _mm512_set1_ps(c.eps));
-  Lanes<P>::store(p, write, _mm512_sub_ps(pj, _mm512_div_ps(_mm512_mul_ps(_mm512_set1_ps(c.step_size), mj), denom)));
-  Lanes<S>::store(m, write, mj);
-  Lanes<S>::store(v, write, vj);
-}
-#endif
-
-// AdamW on mask words [w0, w1) of one tensor of n elements.
-template <typename P, typename S, bool AMSGRAD>
-inline void step_words(P* p, const P* g, S* m, S* v, S* vmax, const int32_t* frozen, int64_t n, int64_t w0, int64_t w1,
-                       const AdamWConsts& c) {
-  for (int64_t w = w0; w < w1; ++w) {
-    const uint32_t bits = frozen ? as_u32(frozen[w]) : 0u;
-    if (bits == 0xFFFFFFFFu) continue;
-    const int64_t i = w * 32;
-    const int len = static_cast<int>(std::min<int64_t>(32, n - i));
-    S* vmax_i = AMSGRAD ? vmax + i : nullptr;
-#ifdef CPIFT_ADAMW_AVX512
-    const uint32_t valid = len == 32 ? 0xFFFFFFFFu : ((1u << len) - 1u);
-    const uint32_t write = valid & ~bits;
-    update16<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, vmax_i, static_cast<__mmask16>(valid),
-                            static_cast<__mmask16>(write), c);
-    if (len > 16)
-      update16<P, S, AMSGRAD>(p + i + 16, g + i + 16, m + i + 16, v + i + 16, AMSGRAD ? vmax_i + 16 : nullptr,
-                              static_cast<__mmask16>(valid >> 16), static_cast<__mmask16>(write >> 16), c);
-#else
-    update_chunk<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, vmax_i, bits, len, c);
-#endif
-  }
+// adamw_math on kLanes elements, each operation rounded once as in the scalar version.
+template <bool AMSGRAD>
+inline void adamw_vec(Vec& p, Vec g, Vec& m, Vec& v, Vec& vm, const AdamWConsts& c) {
+  if (c.has_scale) g = g / Vec(c.grad_scale);
+  if (c.maximize) g = g.neg();
+  p = p * Vec(c.decay);
+  m = fused_multiply_add(Vec(c.lerp_coeff), g - m, c.lerp_from_m ? m : g);
+  v = fused_multiply_add(Vec(c.one_minus_beta2) * g, g, v * Vec(c.beta2));
+  vm = AMSGRAD ? at::vec::maximum(vm, v) : v;
+  const Vec denom = vm.sqrt() / Vec(c.bc2_sqrt) + Vec(c.eps);
+  p = p - Vec(c.step_size) * m / denom;
 }
 
 // The EMA half of the fused step: the tensor's EMA target and the call's EMA constants.
@@ -164,27 +84,88 @@ struct EmaStep {
   const ema::Consts* consts;
 };
 
-// One tensor's step. With `ema`, the importance EMA of each 256-element block is computed first,
-// from the block's grads and (not yet updated) params, then the block's 8 mask words are stepped:
-// g and θ come from memory once (the AdamW half finds them in L1), and the EMA covers every element,
-// frozen ones included (their grads still measure importance).
+// One tensor of the call.
+struct Job {
+  void (*run)(const Job&, int64_t, int64_t);  // step_range<P, S, AMSGRAD>
+  void *p, *m, *v, *vmax;
+  const void* g;
+  const int32_t* frozen;  // null: nothing frozen
+  int64_t n;
+  AdamWConsts c;
+  EmaStep ema;  // ema.consts null: no EMA
+};
+
+// Elements [i, i + len) of one tensor, len <= 32, keeping those whose bit in `frozen` is set.
 template <typename P, typename S, bool AMSGRAD>
-void step_tensor(P* p, const P* g, S* m, S* v, S* vmax, const int32_t* frozen, int64_t n, const AdamWConsts& c,
-                 const EmaStep* ema) {
-  const int64_t nwords = (n + 31) / 32;
-  if (ema == nullptr) {
-    at::parallel_for(0, nwords, kGrain / 32, [&](int64_t begin, int64_t end) {
-      step_words<P, S, AMSGRAD>(p, g, m, v, vmax, frozen, n, begin, end, c);
-    });
+inline void step_word(P* p, const P* g, S* m, S* v, S* vmax, uint32_t frozen, int len, const AdamWConsts& c) {
+  if (len == 32) {
+    for (int k = 0; k < 32; k += kLanes) {
+      const uint32_t keep = static_cast<uint32_t>((static_cast<uint64_t>(frozen) >> k) & ((1ull << kLanes) - 1));
+      if (keep == (1ull << kLanes) - 1) continue;
+      Vec pk = Lanes<P>::load(p + k), mk = Lanes<S>::load(m + k), vk = Lanes<S>::load(v + k);
+      Vec vm = AMSGRAD ? Lanes<S>::load(vmax + k) : vk;
+      adamw_vec<AMSGRAD>(pk, Lanes<P>::load(g + k), mk, vk, vm, c);
+      Lanes<P>::store(p + k, pk, keep);
+      Lanes<S>::store(m + k, mk, keep);
+      Lanes<S>::store(v + k, vk, keep);
+      if constexpr (AMSGRAD) Lanes<S>::store(vmax + k, vm, keep);
+    }
     return;
   }
-  constexpr int64_t kWordsPerBlock = ema::kQBlock / 32;
-  const int64_t nblocks = (n + ema::kQBlock - 1) / ema::kQBlock;
-  at::parallel_for(0, nblocks, kGrain / ema::kQBlock, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      ema::blocks<P>(ema->target, g, p, n, b, b + 1, *ema->consts);
-      step_words<P, S, AMSGRAD>(p, g, m, v, vmax, frozen, n, b * kWordsPerBlock,
-                                std::min(nwords, (b + 1) * kWordsPerBlock), c);
+  for (int j = 0; j < len; ++j) {  // a tensor's last, partial word
+    if ((frozen >> j) & 1u) continue;
+    const Moments r = adamw_math<AMSGRAD>(widen(p[j]), widen(g[j]), widen(m[j]), widen(v[j]),
+                                          AMSGRAD ? widen(vmax[j]) : 0.0f, c);
+    p[j] = narrow<P>(r.p);
+    m[j] = narrow<S>(r.m);
+    v[j] = narrow<S>(r.v);
+    if constexpr (AMSGRAD) vmax[j] = narrow<S>(r.vm);
+  }
+}
+
+// Elements [begin, end) of one tensor (begin a multiple of 256). With an EMA, each 256-element
+// block's EMA is computed first, from its grads and (not yet updated) params, then the block is
+// stepped: g and θ come from memory once (the AdamW half finds them in L1), and the EMA covers every
+// element, frozen ones included (their grads still measure importance).
+template <typename P, typename S, bool AMSGRAD>
+void step_range(const Job& job, int64_t begin, int64_t end) {
+  P* p = static_cast<P*>(job.p);
+  const P* g = static_cast<const P*>(job.g);
+  S* m = static_cast<S*>(job.m);
+  S* v = static_cast<S*>(job.v);
+  S* vmax = static_cast<S*>(job.vmax);
+  for (int64_t b = begin; b < end; b += ema::kQBlock) {
+    const int64_t b_end = std::min(end, b + ema::kQBlock);
+    if (job.ema.consts != nullptr)
+      ema::blocks<P>(job.ema.target, g, p, job.n, b / ema::kQBlock, b / ema::kQBlock + 1, *job.ema.consts);
+    for (int64_t i = b; i < b_end; i += 32) {
+      const uint32_t frozen = job.frozen ? as_u32(job.frozen[i / 32]) : 0u;
+      if (frozen == 0xFFFFFFFFu) continue;
+      step_word<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, AMSGRAD ? vmax + i : nullptr, frozen,
+                               static_cast<int>(std::min<int64_t>(32, job.n - i)), job.c);
+    }
+  }
+}
+
+template <typename P, typename S>
+auto* step_fn(bool amsgrad) {
+  return amsgrad ? &step_range<P, S, true> : &step_range<P, S, false>;
+}
+
+// Elements per work item: a multiple of the EMA block; small enough that tensors of a few chunks
+// spread over the cores, large enough to amortise the dispatch.
+constexpr int64_t kChunk = 1 << 15;
+
+void run_jobs(const std::vector<Job>& jobs) {
+  std::vector<int64_t> first(jobs.size() + 1, 0);  // first[t]: index of tensor t's first chunk
+  for (size_t t = 0; t < jobs.size(); ++t) first[t + 1] = first[t] + (jobs[t].n + kChunk - 1) / kChunk;
+  at::parallel_for(0, first.back(), 1, [&](int64_t c0, int64_t c1) {
+    size_t t = std::upper_bound(first.begin(), first.end(), c0) - first.begin() - 1;
+    for (int64_t c = c0; c < c1; ++c) {
+      while (c >= first[t + 1]) ++t;
+      const Job& job = jobs[t];
+      const int64_t begin = (c - first[t]) * kChunk;
+      job.run(job, begin, std::min(job.n, begin + kChunk));
     }
   });
 }
@@ -231,27 +212,6 @@ AdamWConsts make_consts(float step_size, float bc2_sqrt, float decay, double bet
                      scale,
                      has_scale,
                      maximize};
-}
-
-template <typename P, typename S>
-void dispatch_amsgrad(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
-                      const at::Tensor* vmax, const int32_t* frozen, const AdamWConsts& c, const EmaStep* ema) {
-  S* vmax_ptr = vmax ? vmax->data_ptr<S>() : nullptr;
-  if (vmax)
-    step_tensor<P, S, true>(p.data_ptr<P>(), g.data_ptr<P>(), m.data_ptr<S>(), v.data_ptr<S>(), vmax_ptr,
-                            frozen, p.numel(), c, ema);
-  else
-    step_tensor<P, S, false>(p.data_ptr<P>(), g.data_ptr<P>(), m.data_ptr<S>(), v.data_ptr<S>(), nullptr,
-                             frozen, p.numel(), c, ema);
-}
-
-template <typename P>
-void dispatch_state(const at::Tensor& p, const at::Tensor& g, const at::Tensor& m, const at::Tensor& v,
-                    const at::Tensor* vmax, const int32_t* frozen, const AdamWConsts& c, const EmaStep* ema) {
-  if (m.scalar_type() == at::kFloat)
-    dispatch_amsgrad<P, float>(p, g, m, v, vmax, frozen, c, ema);
-  else
-    dispatch_amsgrad<P, P>(p, g, m, v, vmax, frozen, c, ema);
 }
 
 void check_same(const at::Tensor& t, const at::Tensor& p, const char* what, int64_t i) {
@@ -305,6 +265,10 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     ema_consts = ema::consts(ema_args->beta, ema_args->signal, grad_scale);
   }
   int64_t next_scale = 0;  // ema_scales holds one tensor per uint8 state tensor, in order
+  std::vector<Job> jobs;
+  std::vector<at::Tensor> contiguous_grads;  // alive until the jobs ran
+  jobs.reserve(T);
+  contiguous_grads.reserve(T);
   for (int64_t i = 0; i < T; ++i) {
     EmaStep ema_step{};
     if (ema_args) {
@@ -323,7 +287,7 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     check_same(p, p, "params", i);
     TORCH_CHECK(grads[i].scalar_type() == dtype, "masked_adamw_: grads[", i, "] is ", grads[i].dtype(),
                 ", params[", i, "] is ", p.dtype());
-    const at::Tensor g = grads[i].contiguous();
+    const at::Tensor& g = contiguous_grads.emplace_back(grads[i].contiguous());
     check_same(g, p, "grads", i);
     check_same(exp_avgs[i], p, "exp_avgs", i);
     check_same(exp_avg_sqs[i], p, "exp_avg_sqs", i);
@@ -350,14 +314,16 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 scalars.steps[i]);
     const AdamWConsts c = make_consts(scalars.step_size[i], scalars.bc2_sqrt[i], scalars.decay, beta1, beta2, eps,
                                       maximize, grad_scale.has_value(), scale);
-    const EmaStep* ema = ema_args ? &ema_step : nullptr;
-    if (dtype == at::kFloat)
-      dispatch_state<float>(p, g, exp_avgs[i], exp_avg_sqs[i], vmax, words, c, ema);
-    else if (dtype == at::kBFloat16)
-      dispatch_state<c10::BFloat16>(p, g, exp_avgs[i], exp_avg_sqs[i], vmax, words, c, ema);
-    else
-      dispatch_state<c10::Half>(p, g, exp_avgs[i], exp_avg_sqs[i], vmax, words, c, ema);
+    const bool f32_state = sdtype == at::kFloat;
+    auto run = dtype == at::kFloat ? step_fn<float, float>(amsgrad)
+               : dtype == at::kBFloat16 ? (f32_state ? step_fn<c10::BFloat16, float>(amsgrad)
+                                                     : step_fn<c10::BFloat16, c10::BFloat16>(amsgrad))
+                                        : (f32_state ? step_fn<c10::Half, float>(amsgrad)
+                                                     : step_fn<c10::Half, c10::Half>(amsgrad));
+    jobs.push_back(Job{run, p.data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+                       vmax ? vmax->data_ptr() : nullptr, g.data_ptr(), words, p.numel(), c, ema_step});
   }
+  run_jobs(jobs);
 }
 
 }  // namespace
@@ -443,11 +409,17 @@ at::Tensor masked_grad_sq_norm(at::TensorList grads, at::TensorList frozen) {
   return out;
 }
 
-}  // namespace cpift
+}  // namespace cpift::CPIFT_CAP
 
-// Schemas live in cpift_fast/ops/ (Python); this file registers only its CPU kernels.
+// Schemas live in cpift_fast/ops/ (Python). The DEFAULT compile registers the CPU kernels, each calling
+// the copy of the capability in use (dispatch.h).
+#ifdef CPIFT_REGISTERS
+CPIFT_DECLARE_CAPS(masked_adamw_)
+CPIFT_DECLARE_CAPS(masked_adamw_ema_)
+CPIFT_DECLARE_CAPS(masked_grad_sq_norm)
 TORCH_LIBRARY_IMPL(cpift, CPU, m) {
-  m.impl("masked_adamw_", &cpift::masked_adamw_);
-  m.impl("masked_adamw_ema_", &cpift::masked_adamw_ema_);
-  m.impl("masked_grad_sq_norm", &cpift::masked_grad_sq_norm);
+  m.impl("masked_adamw_", CPIFT_KERNEL(masked_adamw_));
+  m.impl("masked_adamw_ema_", CPIFT_KERNEL(masked_adamw_ema_));
+  m.impl("masked_grad_sq_norm", CPIFT_KERNEL(masked_grad_sq_norm));
 }
+#endif

@@ -1,17 +1,21 @@
-// Shared helpers for the cpift CPU kernels.
+// Shared helpers for the cpift CPU kernels (compiled into each capability's namespace: dispatch.h).
 #pragma once
+#include "dispatch.h"
+
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
 
-namespace cpift {
+namespace cpift::CPIFT_CAP {
 
 // Grain for at::parallel_for over words or elements: large enough to amortise thread wake-up.
 constexpr int64_t kGrain = 1 << 15;
@@ -85,8 +89,17 @@ template <> inline c10::BFloat16 narrow<c10::BFloat16>(float x) {
 }
 template <> inline c10::Half narrow<c10::Half>(float x) { return c10::Half(f32_to_f16_bits(x), c10::Half::from_bits()); }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-// The same conversions on 16 lanes (bit-identical to the scalar helpers above).
+// ---- kLanes values of a storage type <-> one Vectorized<float> (this capability's width) ----------
+// Lanes<T>::load widens kLanes values; Lanes<T>::store narrows and writes them, except the lanes whose
+// bit in `keep` is set: those keep their bits in memory (AVX-512: a masked store; elsewhere the old
+// values are blended back in, at the storage width, so even a NaN payload survives). Both are
+// bit-identical to widen / narrow above.
+using Vec = at::vec::Vectorized<float>;
+constexpr int kLanes = Vec::size();
+
+template <typename T> struct Lanes;
+
+#if defined(CPU_CAPABILITY_AVX512)
 inline __m512 bf16x16_to_f32(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
 
 inline __m256i f32x16_to_bf16(__m512 x) {
@@ -97,8 +110,6 @@ inline __m256i f32x16_to_bf16(__m512 x) {
   return _mm512_cvtepi32_epi16(r);
 }
 
-inline __m512 f16x16_to_f32(__m256i h) { return _mm512_cvtph_ps(h); }
-
 inline __m256i f32x16_to_f16(__m512 x) {
   // the hardware converter rounds to nearest even; NaN lanes made canonical (sign | 0x7E00)
   const __m256i h = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -107,6 +118,108 @@ inline __m256i f32x16_to_f16(__m512 x) {
                                         _mm256_set1_epi16(0x7e00));
   return _mm256_mask_mov_epi16(h, nan, canon);
 }
+
+template <> struct Lanes<float> {
+  static Vec load(const float* p) { return Vec::loadu(p); }
+  static void store(float* p, const Vec& x, uint32_t keep) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>(~keep), x); }
+};
+
+template <> struct Lanes<c10::BFloat16> {
+  static Vec load(const c10::BFloat16* p) { return bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static void store(c10::BFloat16* p, const Vec& x, uint32_t keep) {
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>(~keep), f32x16_to_bf16(x));
+  }
+};
+
+template <> struct Lanes<c10::Half> {
+  static Vec load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static void store(c10::Half* p, const Vec& x, uint32_t keep) {
+    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>(~keep), f32x16_to_f16(x));
+  }
+};
+
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m128i f32x8_to_bf16(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+  // 32-bit lanes (< 2^16) to 16-bit: packus works per 128-bit half, the permute joins the halves
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8));
+}
+
+inline __m128i f32x8_to_f16(__m256 x) {
+  const __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256i nan32 = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  const __m128i nan = _mm_packs_epi32(_mm256_castsi256_si128(nan32), _mm256_extracti128_si256(nan32, 1));
+  const __m128i canon = _mm_or_si128(_mm_and_si128(h, _mm_set1_epi16(static_cast<short>(0x8000))), _mm_set1_epi16(0x7e00));
+  return _mm_blendv_epi8(h, canon, nan);
+}
+
+// All-ones lanes where bit j of `bits` is set.
+inline __m256 keep32(uint32_t bits) {
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), sel), sel));
+}
+
+inline __m128i keep16(uint32_t bits) {
+  const __m128i sel = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm_cmpeq_epi16(_mm_and_si128(_mm_set1_epi16(static_cast<short>(bits)), sel), sel);
+}
+
+inline void store16(void* p, __m128i h, uint32_t keep) {
+  __m128i* q = static_cast<__m128i*>(p);
+  _mm_storeu_si128(q, keep ? _mm_blendv_epi8(h, _mm_loadu_si128(q), keep16(keep)) : h);
+}
+
+template <> struct Lanes<float> {
+  static Vec load(const float* p) { return Vec::loadu(p); }
+  static void store(float* p, const Vec& x, uint32_t keep) {
+    _mm256_storeu_ps(p, keep ? _mm256_blendv_ps(x, _mm256_loadu_ps(p), keep32(keep)) : __m256(x));
+  }
+};
+
+template <> struct Lanes<c10::BFloat16> {
+  static Vec load(const c10::BFloat16* p) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+  }
+  static void store(c10::BFloat16* p, const Vec& x, uint32_t keep) { store16(p, f32x8_to_bf16(x), keep); }
+};
+
+template <> struct Lanes<c10::Half> {
+  static Vec load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+  static void store(c10::Half* p, const Vec& x, uint32_t keep) { store16(p, f32x8_to_f16(x), keep); }
+};
+
+#else  // DEFAULT: lane by lane
+template <typename T> struct Lanes {
+  static Vec load(const T* p) {
+    float x[kLanes];
+    for (int j = 0; j < kLanes; ++j) x[j] = widen<T>(p[j]);
+    return Vec::loadu(x);
+  }
+  static void store(T* p, const Vec& v, uint32_t keep) {
+    float x[kLanes];
+    v.store(x);
+    for (int j = 0; j < kLanes; ++j)
+      if (!((keep >> j) & 1u)) p[j] = narrow<T>(x[j]);
+  }
+};
 #endif
 
-}  // namespace cpift
+// fma(a, b, c) rounded once, on every lane. ATen's generic (DEFAULT) fmadd is a * b + c, rounded twice.
+inline Vec fused_multiply_add(const Vec& a, const Vec& b, const Vec& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  return at::vec::fmadd(a, b, c);
+#else
+  float x[kLanes], y[kLanes], z[kLanes];
+  a.store(x);
+  b.store(y);
+  c.store(z);
+  for (int j = 0; j < kLanes; ++j) x[j] = std::fma(x[j], y[j], z[j]);
+  return Vec::loadu(x);
+#endif
+}
+
+}  // namespace cpift::CPIFT_CAP

@@ -15,8 +15,7 @@
 #include <cmath>
 #include <type_traits>
 
-namespace cpift {
-namespace ema {
+namespace cpift::CPIFT_CAP::ema {
 
 constexpr int64_t kQBlock = 256;  // elements per scale of the 8-bit state (ops/importance.py QBLOCK)
 
@@ -154,5 +153,4 @@ inline uint32_t stream_of(int64_t seed, at::IntArrayRef ids, int64_t i) {
   return tensor_seed(static_cast<uint32_t>(seed), ids.empty() ? i : ids[i]);
 }
 
-}  // namespace ema
-}  // namespace cpift
+}  // namespace cpift::CPIFT_CAP::ema

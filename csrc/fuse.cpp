@@ -18,7 +18,7 @@
 #include <immintrin.h>
 #endif
 
-namespace cpift {
+namespace cpift::CPIFT_CAP {
 namespace {
 
 constexpr int64_t kChunk = 2048;  // elements per scratch chunk: a multiple of 32 (word-aligned)
@@ -309,10 +309,15 @@ at::Tensor slerp_apply(const at::Tensor& a_, const at::Tensor& b_, const std::op
   return out.view(a_.sizes());
 }
 
-}  // namespace cpift
+}  // namespace cpift::CPIFT_CAP
 
-// Schemas live in cpift_fast/ops/ (Python); this file registers only its CPU kernels.
+// Schemas live in cpift_fast/ops/ (Python). The DEFAULT compile registers the CPU kernels, each calling
+// the copy of the capability in use (dispatch.h).
+#ifdef CPIFT_REGISTERS
+CPIFT_DECLARE_CAPS(slerp_stats)
+CPIFT_DECLARE_CAPS(slerp_apply)
 TORCH_LIBRARY_IMPL(cpift, CPU, m) {
-  m.impl("slerp_stats", &cpift::slerp_stats);
-  m.impl("slerp_apply", &cpift::slerp_apply);
+  m.impl("slerp_stats", CPIFT_KERNEL(slerp_stats));
+  m.impl("slerp_apply", CPIFT_KERNEL(slerp_apply));
 }
+#endif

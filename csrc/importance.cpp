@@ -7,8 +7,7 @@
 #include <algorithm>
 #include <vector>
 
-namespace cpift {
-namespace {
+namespace cpift::CPIFT_CAP {
 
 void importance_ema_(at::TensorList state, at::TensorList scales, at::TensorList grads, at::TensorList params,
                      double beta, int64_t signal, int64_t seed, const std::optional<at::Tensor>& grad_scale,
@@ -54,8 +53,11 @@ void importance_ema_(at::TensorList state, at::TensorList scales, at::TensorList
   });
 }
 
-}  // namespace
-}  // namespace cpift
+}  // namespace cpift::CPIFT_CAP
 
-// Schema in cpift_fast/ops/importance.py (Python); this file registers only the CPU kernel.
-TORCH_LIBRARY_IMPL(cpift, CPU, m) { m.impl("importance_ema_", &cpift::importance_ema_); }
+// Schemas live in cpift_fast/ops/ (Python). The DEFAULT compile registers the CPU kernels, each calling
+// the copy of the capability in use (dispatch.h).
+#ifdef CPIFT_REGISTERS
+CPIFT_DECLARE_CAPS(importance_ema_)
+TORCH_LIBRARY_IMPL(cpift, CPU, m) { m.impl("importance_ema_", CPIFT_KERNEL(importance_ema_)); }
+#endif

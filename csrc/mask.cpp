@@ -4,7 +4,7 @@
 
 #include <cstring>
 
-namespace cpift {
+namespace cpift::CPIFT_CAP {
 
 // Eight bool bytes (0/1, little-endian in x) -> eight bits: byte j's bit lands on bit 56 + j of the
 // product and no two partial products overlap, so no carries disturb the top byte.
@@ -96,12 +96,19 @@ at::Tensor mask_binary(const at::Tensor& a, const at::Tensor& b, int64_t op) {
   return out;
 }
 
-}  // namespace cpift
+}  // namespace cpift::CPIFT_CAP
 
-// Schemas live in cpift_fast/ops/ (Python); this file registers only its CPU kernels.
+// Schemas live in cpift_fast/ops/ (Python). The DEFAULT compile registers the CPU kernels, each calling
+// the copy of the capability in use (dispatch.h).
+#ifdef CPIFT_REGISTERS
+CPIFT_DECLARE_CAPS(mask_pack)
+CPIFT_DECLARE_CAPS(mask_unpack)
+CPIFT_DECLARE_CAPS(mask_popcount)
+CPIFT_DECLARE_CAPS(mask_binary)
 TORCH_LIBRARY_IMPL(cpift, CPU, m) {
-  m.impl("mask_pack", &cpift::mask_pack);
-  m.impl("mask_unpack", &cpift::mask_unpack);
-  m.impl("mask_popcount", &cpift::mask_popcount);
-  m.impl("mask_binary", &cpift::mask_binary);
+  m.impl("mask_pack", CPIFT_KERNEL(mask_pack));
+  m.impl("mask_unpack", CPIFT_KERNEL(mask_unpack));
+  m.impl("mask_popcount", CPIFT_KERNEL(mask_popcount));
+  m.impl("mask_binary", CPIFT_KERNEL(mask_binary));
 }
+#endif

@@ -17,7 +17,7 @@
 #define CPIFT_OVERLAP_AVX512 1
 #endif
 
-namespace cpift {
+namespace cpift::CPIFT_CAP {
 namespace {
 
 constexpr int64_t kTile = 64;  // 64-bit words per mask per tile
@@ -144,9 +144,13 @@ at::Tensor overlap_counts(const at::TensorList masks) {
   return out;
 }
 
-}  // namespace cpift
+}  // namespace cpift::CPIFT_CAP
 
-// Schemas live in cpift_fast/ops/ (Python); this file registers only its CPU kernels.
+// Schemas live in cpift_fast/ops/ (Python). The DEFAULT compile registers the CPU kernels, each calling
+// the copy of the capability in use (dispatch.h).
+#ifdef CPIFT_REGISTERS
+CPIFT_DECLARE_CAPS(overlap_counts)
 TORCH_LIBRARY_IMPL(cpift, CPU, m) {
-  m.impl("overlap_counts", &cpift::overlap_counts);
+  m.impl("overlap_counts", CPIFT_KERNEL(overlap_counts));
 }
+#endif

@@ -23,7 +23,7 @@
 #include <immintrin.h>
 #endif
 
-namespace cpift {
+namespace cpift::CPIFT_CAP {
 namespace {
 
 constexpr int64_t kKeyBlock = 512;            // keys computed into a stack buffer at a time
@@ -329,10 +329,15 @@ std::tuple<at::Tensor, at::Tensor> select_mask(at::TensorList base, at::TensorLi
   return {words, n_eq};
 }
 
-}  // namespace cpift
+}  // namespace cpift::CPIFT_CAP
 
-// Schemas live in cpift_fast/ops/ (Python); this file registers only its CPU kernels.
+// Schemas live in cpift_fast/ops/ (Python). The DEFAULT compile registers the CPU kernels, each calling
+// the copy of the capability in use (dispatch.h).
+#ifdef CPIFT_REGISTERS
+CPIFT_DECLARE_CAPS(select_histogram)
+CPIFT_DECLARE_CAPS(select_mask)
 TORCH_LIBRARY_IMPL(cpift, CPU, m) {
-  m.impl("select_histogram", &cpift::select_histogram);
-  m.impl("select_mask", &cpift::select_mask);
+  m.impl("select_histogram", CPIFT_KERNEL(select_histogram));
+  m.impl("select_mask", CPIFT_KERNEL(select_mask));
 }
+#endif

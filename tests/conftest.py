@@ -75,6 +75,30 @@ def backend(request, monkeypatch):
     return request.param
 
 
+CPU_CAPABILITIES = ("default", "avx2", "avx512")  # what x86-64 builds compile (aarch64: default only)
+
+
+@pytest.fixture(params=CPU_CAPABILITIES)
+def cpu_capability(request):
+    """Run the test once per CPU capability of the C++ kernels (torch.ops.cpift_cpu.set_capability);
+    skipped where the build did not compile it or this CPU cannot run it. torch's own kernels keep
+    their capability."""
+    from cpift_fast import _ops
+
+    if not _ops.extension()[0]:
+        pytest.skip("the C++ extension is not built")
+    cpu = torch.ops.cpift_cpu
+    name = request.param
+    if name not in cpu.compiled_capabilities():
+        pytest.skip(f"{name} is not compiled on this architecture (compiled: {', '.join(cpu.compiled_capabilities())})")
+    if name not in cpu.supported_capabilities():
+        pytest.skip(f"this CPU does not support {name} (supported: {', '.join(cpu.supported_capabilities())})")
+    previous = cpu.capability()
+    cpu.set_capability(name)
+    yield name
+    cpu.set_capability(previous)
+
+
 @pytest.fixture
 def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -124,9 +124,10 @@ def test_readme_tool_knows_every_op(readme_tool):
 
 def test_readme_block_is_generated_from_the_committed_records(readme_tool):
     """README.md's performance tables are exactly what tools/readme_bench.py makes of
-    bench/results/<op>.json, and every op has its records there."""
+    bench/results/<op>.json (and cpu-<capability>/<op>.json), and every op has its records there."""
     results = readme_tool.load_results()
-    assert [r["op"] for r in results] == list(benchmarks.OPS)
+    assert [r["op"] for r in results if r["label"] == r["op"]] == list(benchmarks.OPS)
+    assert all(r["label"] == f"{r['op']} @ {r['meta']['cpift_cpu_capability']}" for r in results if r["label"] != r["op"])
     with open(readme_tool.README) as f:
         text = f.read()
     assert readme_tool.replace_block(text, readme_tool.render(results)) == text, \
@@ -155,7 +156,8 @@ def check_records(data: dict, op: str) -> None:
     """One op's JSON: the schema, every case and path of its quick specs, finite numbers, copy bandwidth."""
     assert data["schema"] == harness.SCHEMA and data["op"] == op and data["size"] == "quick"
     meta = data["meta"]
-    for key in ("date", "device", "device_type", "cpu_capability", "cpu_threads", "timer", "copy_gbps", "wall_s"):
+    for key in ("date", "device", "device_type", "cpu_capability", "cpift_cpu_capability", "cpu_threads", "timer",
+                "copy_gbps", "wall_s", "load_average_1m", "load_average_1m_start"):
         assert key in meta, key
     assert meta["timer"] == "torch.utils.benchmark"
     assert meta["versions"]["torch"] == torch.__version__ and meta["versions"]["cpift_fast"]

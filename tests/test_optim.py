@@ -91,6 +91,23 @@ def test_op_matches_reference(backend, dtype, state_dtype, amsgrad):
     assert not torch.equal(got[0][-1][trainable], prob[0][-1][trainable])
 
 
+@pytest.mark.parametrize("dtype,state_dtype", DTYPE_PAIRS, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_cpp_matches_reference_at_every_cpu_capability(cpu_capability, dtype, state_dtype, amsgrad):
+    """Many tensors, one of several work-list chunks, grad scale and maximize: frozen bits kept,
+    trainable elements as the reference."""
+    sizes = SIZES + (3 * 2**15 + 77,) + (300,) * 20
+    prob = _problem(sizes, dtype, state_dtype, amsgrad, seed=3)
+    extra = dict(maximize=True, grad_scale=torch.tensor(8.0))
+    got = _run_op(torch.ops.cpift.masked_adamw_, prob, amsgrad, **extra)
+    want = _run_op(ops.masked_adamw_.reference, prob, amsgrad, **extra)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for g_list, w_list, b_list in zip(got, want, (prob[0], prob[2], prob[3], prob[4])):
+        _assert_frozen_untouched(b_list, g_list, prob[5])
+        for a, b in zip(g_list, w_list):
+            torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
 @pytest.mark.parametrize("backend_name", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_backends_agree_in_low_precision(monkeypatch, backend_name, dtype):

@@ -3,7 +3,7 @@
 - The sdist holds every source a CPU or a CUDA build compiles (the files setup.py globs, every
   header they include, transitively), every Python package, LICENSE and README, and nothing built.
 - Installed into a fresh venv that holds only torch, both without build isolation (the extension is
-  compiled at install: "prebuilt", portable since pip goes through a wheel) and with pip's default
+  compiled at install: "prebuilt", every CPU capability) and with pip's default
   isolation (no torch at build time: compiled at first import, "jit"), cpift_fast imports and one
   MaskedAdamW step on the C++ backend matches the pure-PyTorch step, and `cpift bench mask` runs
   (its records in ./cpift-bench). Two processes importing at once compile once.
@@ -181,8 +181,9 @@ def test_install_without_build_isolation_prebuilds(sdist, venv, tmp_path):
         info, err = _finish(_step(venv, tmp_path, tmp_path / "cache"))
         assert info["extension"] is True and info["build"]["how"] == "prebuilt", (info, err)
         assert str(venv) in info["file"], f"imported {info['file']}, not the installed package"
-        # pip builds a wheel from the sdist: a wheel never carries -march=native
+        # pip builds a wheel from the sdist: it carries every CPU capability, never -march=native
         assert "-march=native" not in info["build"]["cxx_flags"] and "-ffp-contract=off" in info["build"]["cxx_flags"]
+        assert info["build"]["cpu_capabilities_compiled"] == _capabilities(), info["build"]
         assert not (tmp_path / "cache").exists(), "a prebuilt install compiled again at import"
         version = _run([venv / "bin" / "cpift", "--version"], env=_clean_env(), cwd=tmp_path).stdout.split()
         assert version == ["cpift_fast", info["version"]] and info["version"] == _extension_version()
@@ -208,6 +209,7 @@ def test_install_with_build_isolation_compiles_at_first_import(sdist, venv, tmp_
         for info in (info1, info2):
             assert info["extension"] is True and info["build"]["how"] == "jit", info
             assert info["build"]["path"].startswith(str(cache)) and "-ffp-contract=off" in info["build"]["cxx_flags"]
+            assert info["build"]["cpu_capabilities_compiled"] == _capabilities(), info["build"]
         compiled = (err1 + err2).count("cpift_fast: compiling the C++ extension")
         assert compiled == 1, f"expected one compile for two processes, saw {compiled}:\n{err1}\n{err2}"
         assert len(list(cache.glob("*/*.so"))) == 1
@@ -217,6 +219,14 @@ def test_install_with_build_isolation_compiles_at_first_import(sdist, venv, tmp_
         assert json.loads(out)["built"]["how"] == "jit"
     finally:
         _run([py, "-m", "pip", "uninstall", "-y", "-q", "cpift_fast"], env=_clean_env())
+
+
+def _capabilities() -> list[str]:
+    """The CPU capabilities a build on this machine compiles (cpift_fast/_extension.py)."""
+    spec = importlib.util.spec_from_file_location("_ext", ROOT / "cpift_fast" / "_extension.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [c.lower() for c in module.capabilities()]
 
 
 def _extension_version() -> str:

@@ -30,16 +30,22 @@ SCHEMA = "cpift-bench/1"
 
 
 def load_results(directory: str = RESULTS) -> list[dict]:
-    """The records of every op that has a ``<op>.json`` in `directory`, in OPS order."""
+    """The records of every op that has a ``<op>.json`` in `directory`, in OPS order, then those of
+    the runs at a lower CPU capability (``cpu-<capability>/<op>.json``: ``ATEN_CPU_CAPABILITY=<capability>
+    cpift bench OP --out bench/results/cpu-<capability>``), labelled ``op @ capability``."""
     results = []
-    for op in OPS:
-        path = os.path.join(directory, f"{op}.json")
-        if os.path.exists(path):
-            with open(path) as f:
-                data = json.load(f)
-            if data.get("schema") != SCHEMA:
-                raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r} (re-run cpift bench)")
-            results.append(data)
+    subdirs = sorted(d for d in os.listdir(directory) if d.startswith("cpu-")
+                     and os.path.isdir(os.path.join(directory, d))) if os.path.isdir(directory) else []
+    for sub in ["", *subdirs]:
+        for op in OPS:
+            path = os.path.join(directory, sub, f"{op}.json")
+            if os.path.exists(path):
+                with open(path) as f:
+                    data = json.load(f)
+                if data.get("schema") != SCHEMA:
+                    raise ValueError(f"{path}: schema {data.get('schema')!r}, expected {SCHEMA!r} (re-run cpift bench)")
+                data["label"] = f"{op} @ {sub[len('cpu-'):]}" if sub else op
+                results.append(data)
     return results
 
 
@@ -65,13 +71,14 @@ def render(results: list[dict]) -> str:
     """The README block (without the markers) for the loaded results."""
     if not results:
         raise ValueError("no benchmark records (run `cpift bench --size full`)")
-    lines = ["| op | size | date | device | CPU capability | threads | load (1 min) | torch | copy bandwidth "
-             "| run time |", "|---|---|---|---|---|---|---:|---|---:|---:|"]
+    lines = ["| op | size | date | device | CPU capability (torch / cpift_fast) | threads | load (1 min, start → end) "
+             "| torch | copy bandwidth | run time |", "|---|---|---|---|---|---|---:|---|---:|---:|"]
     for res in results:
         m = res["meta"]
-        lines.append(f"| {res['op']} | {res['size']} | {m['date']} | {m['device']} | {m['cpu_capability']} | "
-                     f"{m['cpu_threads']} | {m['load_average_1m']:.1f} | {m['versions']['torch']} | "
-                     f"{m['copy_gbps']:.1f} GB/s | {m['wall_s']:.0f} s |")
+        start = f"{m['load_average_1m_start']:.1f} → " if "load_average_1m_start" in m else ""
+        lines.append(f"| {res['label']} | {res['size']} | {m['date']} | {m['device']} | {m['cpu_capability']} / "
+                     f"{m.get('cpift_cpu_capability') or '?'} | {m['cpu_threads']} | {start}{m['load_average_1m']:.1f} | "
+                     f"{m['versions']['torch']} | {m['copy_gbps']:.1f} GB/s | {m['wall_s']:.0f} s |")
     lines += ["", "Per case: median time per call, and **time / the baseline path's** (below 1: faster than "
               "the baseline). Anchors are what users run without cpift_fast; floors are memory-traffic floors for "
               "the same bytes.", "",
@@ -84,13 +91,13 @@ def render(results: list[dict]) -> str:
             ours = "; ".join(_path_cell(r, True) for r in recs if r["role"] == "fused")
             ref = "; ".join(_path_cell(r, False) for r in recs if r["role"] == "reference")
             other = "; ".join(_path_cell(r, False) for r in recs if r["role"] in ("anchor", "floor"))
-            lines.append(f"| {res['op']} | {case} | {ours} | {ref} | {other} |")
+            lines.append(f"| {res['label']} | {case} | {ours} | {ref} | {other} |")
     lines += ["", "| op | target | measured | goal | |", "|---|---|---:|---|---|"]
     for res in results:
         for t in res["targets"]:
-            lines.append(f"| {res['op']} | {t['name']} | {_num(t['value'])} | {t['goal']} | "
+            lines.append(f"| {res['label']} | {t['name']} | {_num(t['value'])} | {t['goal']} | "
                          f"{'met' if t['met'] else '**missed**'} |")
-    skipped = [f"{res['op']}: {s['path']} ({s['reason']})" for res in results for s in res["skipped"]]
+    skipped = [f"{res['label']}: {s['path']} ({s['reason']})" for res in results for s in res["skipped"]]
     if skipped:
         lines += ["", "Skipped: " + "; ".join(skipped) + "."]
     return "\n".join(lines)

@@ -13,9 +13,10 @@ Each op's result is written as ``<op>.json`` (the records), ``<op>.md`` (a table
 ``<op>.json`` (schema ``cpift-bench/1``)::
 
     {"schema": "cpift-bench/1", "op": "adamw", "size": "quick" | "full",
-     "meta": {"date", "device", "device_type", "cpu", "cpu_capability", "cores", "cpu_threads",
-              "load_average_1m", "versions": {"cpift_fast", "torch", "triton", "numpy", "mergekit",
-              "python"}, "timer", "size", "copy_gbps", "rounds", "min_run_time_s", "wall_s"
+     "meta": {"date", "device", "device_type", "cpu", "cpu_capability", "cpift_cpu_capability", "cores",
+              "cpu_threads", "load_average_1m" (at the end), "load_average_1m_start", "versions":
+              {"cpift_fast", "torch", "triton", "numpy", "mergekit", "python"}, "timer", "size",
+              "copy_gbps", "rounds", "min_run_time_s", "wall_s"
               (+ "cuda", "capability" on a GPU)},
      "records": [{"op", "case", "params": {...the case's parameters, "headline": bool},
                   "path", "role": fused | reference | anchor | floor | copy,
@@ -268,6 +269,7 @@ def run_op(op: str, specs: Iterable[dict], build: Callable[[dict, torch.device],
     every path interleaved; returns the records (targets and notes are the op's to add)."""
     budget = BUDGETS[size]
     start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     nbytes = copy_bytes(size)
     copy_stats, copy_gbps = copy_bandwidth(device, nbytes, budget)
     records = [copy_record(op, copy_stats, nbytes, copy_gbps)]
@@ -285,7 +287,7 @@ def run_op(op: str, specs: Iterable[dict], build: Callable[[dict, torch.device],
         gc.collect()  # torch's optimizers sit in reference cycles: free this case's state before the next build
     meta = machine_info(device) | {"timer": timer_name(device), "size": size, "copy_gbps": copy_gbps,
                                    "rounds": budget.rounds, "min_run_time_s": budget.min_run_time,
-                                   "wall_s": time.perf_counter() - start}
+                                   "wall_s": time.perf_counter() - start, "load_average_1m_start": load_start}
     return Result(op=op, size=size, meta=meta, records=records)
 
 
@@ -314,9 +316,10 @@ def _version(module: str) -> str | None:
 
 
 def machine_info(device: torch.device | str = "cpu") -> dict:
-    """Where and with what a result was measured: device, CPU capability, threads, the load average
-    at the start (other work on a shared machine), versions, date."""
-    from .. import __version__
+    """Where and with what a result was measured: device, CPU capability (torch's kernels', and
+    cpift_fast's C++ kernels' where loaded), threads, the load average now (other work on a shared
+    machine), versions, date."""
+    from .. import __version__, _ops
 
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
@@ -326,6 +329,7 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
         "device_type": device.type,
         "cpu": cpu_name(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpift_cpu_capability": torch.ops.cpift_cpu.capability() if _ops.extension()[0] else None,
         "cores": os.cpu_count(),
         "cpu_threads": torch.get_num_threads(),
         "load_average_1m": os.getloadavg()[0],
@@ -434,8 +438,9 @@ def result_markdown(result: Result) -> str:
     """The op's table: one line per record (copy bandwidth first), then targets, skips, notes."""
     m = result.meta
     v = m["versions"]
-    head = (f"{m['date']}; {m['device']} ({m['device_type']}, CPU capability {m['cpu_capability']}, "
-            f"{m['cpu_threads']} threads); cpift_fast {v['cpift_fast']}, torch {v['torch']}, triton {v['triton']}; "
+    head = (f"{m['date']}; {m['device']} ({m['device_type']}, CPU capability: torch {m['cpu_capability']}, "
+            f"cpift_fast {m.get('cpift_cpu_capability')}; {m['cpu_threads']} threads; load average "
+            f"{m.get('load_average_1m_start', float('nan')):.1f} -> {m['load_average_1m']:.1f}); cpift_fast {v['cpift_fast']}, torch {v['torch']}, triton {v['triton']}; "
             f"--size {result.size}; timer {m['timer']}, {m['rounds']} interleaved rounds of >= "
             f"{m['min_run_time_s']} s per path; copy bandwidth {m['copy_gbps']:.1f} GB/s.")
     rows = []
