@@ -113,12 +113,12 @@ def _importance():
 
 def _select(dtype):
     gen = torch.Generator().manual_seed(9)
-    a = torch.randn(SIZES[-1], generator=gen).to(dtype)
-    b = (a.float() + 1e-3 * torch.randn(SIZES[-1], generator=gen)).to(dtype)
-    hist = torch.ops.cpift.select_histogram(a, b, 0, 0)
+    a = [torch.randn(n, generator=gen).to(dtype) for n in (SIZES[-1], 31)]
+    b = [(x.float() + 1e-3 * torch.randn(x.shape, generator=gen)).to(dtype) for x in a]
+    hist, top = torch.ops.cpift.select_histogram(a, b, 0, 0)
     prefix = int(torch.nonzero(hist).max())
     words, n_eq = torch.ops.cpift.select_mask(a, b, prefix << 16, 5)
-    return hist, torch.ops.cpift.select_histogram(a, b, 1, prefix), words, n_eq
+    return hist, top, *torch.ops.cpift.select_histogram(a, b, 1, prefix), words, n_eq
 
 
 def _overlap(count):
