@@ -95,20 +95,26 @@ struct Job {
   EmaStep ema;  // ema.consts null: no EMA
 };
 
+// kLanes elements, keeping those whose bit in `keep` is set.
+template <typename P, typename S, bool AMSGRAD>
+inline void step_vector(P* p, const P* g, S* m, S* v, S* vmax, uint32_t keep, const AdamWConsts& c) {
+  Vec pk = Lanes<P>::load(p), mk = Lanes<S>::load(m), vk = Lanes<S>::load(v);
+  Vec vm = AMSGRAD ? Lanes<S>::load(vmax) : vk;
+  adamw_vec<AMSGRAD>(pk, Lanes<P>::load(g), mk, vk, vm, c);
+  Lanes<P>::store(p, pk, keep);
+  Lanes<S>::store(m, mk, keep);
+  Lanes<S>::store(v, vk, keep);
+  if constexpr (AMSGRAD) Lanes<S>::store(vmax, vm, keep);
+}
+
 // Elements [i, i + len) of one tensor, len <= 32, keeping those whose bit in `frozen` is set.
 template <typename P, typename S, bool AMSGRAD>
 inline void step_word(P* p, const P* g, S* m, S* v, S* vmax, uint32_t frozen, int len, const AdamWConsts& c) {
   if (len == 32) {
     for (int k = 0; k < 32; k += kLanes) {
       const uint32_t keep = static_cast<uint32_t>((static_cast<uint64_t>(frozen) >> k) & ((1ull << kLanes) - 1));
-      if (keep == (1ull << kLanes) - 1) continue;
-      Vec pk = Lanes<P>::load(p + k), mk = Lanes<S>::load(m + k), vk = Lanes<S>::load(v + k);
-      Vec vm = AMSGRAD ? Lanes<S>::load(vmax + k) : vk;
-      adamw_vec<AMSGRAD>(pk, Lanes<P>::load(g + k), mk, vk, vm, c);
-      Lanes<P>::store(p + k, pk, keep);
-      Lanes<S>::store(m + k, mk, keep);
-      Lanes<S>::store(v + k, vk, keep);
-      if constexpr (AMSGRAD) Lanes<S>::store(vmax + k, vm, keep);
+      if (keep != (1ull << kLanes) - 1)
+        step_vector<P, S, AMSGRAD>(p + k, g + k, m + k, v + k, AMSGRAD ? vmax + k : nullptr, keep, c);
     }
     return;
   }
@@ -138,6 +144,13 @@ void step_range(const Job& job, int64_t begin, int64_t end) {
     const int64_t b_end = std::min(end, b + ema::kQBlock);
     if (job.ema.consts != nullptr)
       ema::blocks<P>(job.ema.target, g, p, job.n, b / ema::kQBlock, b / ema::kQBlock + 1, *job.ema.consts);
+    uint32_t any_frozen = 0;
+    for (int64_t w = b / 32; job.frozen && w < (b_end + 31) / 32; ++w) any_frozen |= as_u32(job.frozen[w]);
+    if (any_frozen == 0 && b_end - b == ema::kQBlock) {  // a whole block to update: no per-word tests
+      for (int64_t i = b; i < b_end; i += kLanes)
+        step_vector<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, AMSGRAD ? vmax + i : nullptr, 0u, job.c);
+      continue;
+    }
     for (int64_t i = b; i < b_end; i += 32) {
       const uint32_t frozen = job.frozen ? as_u32(job.frozen[i / 32]) : 0u;
       if (frozen == 0xFFFFFFFFu) continue;

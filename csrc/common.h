@@ -208,6 +208,28 @@ template <typename T> struct Lanes {
 };
 #endif
 
+#if !defined(__FMA__) && !defined(__ARM_FEATURE_FMA)
+// fma(a, b, c) rounded once without an FMA instruction (baseline x86-64; libm's fmaf is a call per
+// element): a * b is exact in double; a * b + c rounded to odd in double, then to float, is the
+// correctly rounded result (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums: proved
+// algorithms using rounding to odd", IEEE Trans. Computers 57(4), 2008). Round to odd from round to
+// nearest: s = RN(x), e = x - s exactly (TwoSum); if e != 0 and s is even, step s one ulp toward x.
+inline float fma_by_rounding_to_odd(float a, float b, float c) {
+  const double p = static_cast<double>(a) * static_cast<double>(b), cd = c;
+  const double s = p + cd;
+  const double t = s - p;
+  const double e = (p - (s - t)) + (cd - t);
+  uint64_t bits;
+  std::memcpy(&bits, &s, sizeof bits);
+  const bool inexact = e != 0.0 && (bits & 0x7ff0000000000000ull) != 0x7ff0000000000000ull;  // not inf/NaN
+  const uint64_t away = (e > 0.0) == (s > 0.0) ? 1u : ~uint64_t{0};  // +1 ulp in magnitude, or -1
+  bits += (inexact && !(bits & 1u)) ? away : 0u;
+  double odd;
+  std::memcpy(&odd, &bits, sizeof odd);
+  return static_cast<float>(odd);
+}
+#endif
+
 // fma(a, b, c) rounded once, on every lane. ATen's generic (DEFAULT) fmadd is a * b + c, rounded twice.
 inline Vec fused_multiply_add(const Vec& a, const Vec& b, const Vec& c) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
@@ -217,7 +239,13 @@ inline Vec fused_multiply_add(const Vec& a, const Vec& b, const Vec& c) {
   a.store(x);
   b.store(y);
   c.store(z);
-  for (int j = 0; j < kLanes; ++j) x[j] = std::fma(x[j], y[j], z[j]);
+  for (int j = 0; j < kLanes; ++j) {
+#if defined(__FMA__) || defined(__ARM_FEATURE_FMA)
+    x[j] = std::fma(x[j], y[j], z[j]);
+#else
+    x[j] = fma_by_rounding_to_odd(x[j], y[j], z[j]);
+#endif
+  }
   return Vec::loadu(x);
 #endif
 }

@@ -1,5 +1,6 @@
 // Pairwise overlap of T bit-packed masks in one pass: out[i][j] = popcount(m_i & m_j).
-// Each word of each mask is read from memory once. T <= 8 (AVX-512): one 64-byte vector of every
+// Each word of each mask is read from memory once. With AVX-512 VPOPCNTDQ (the AVX512 capability's
+// compile, on a CPU that has it: checked at run time) T <= 8: one 64-byte vector of every
 // mask is loaded into registers and all T(T+1)/2 pairs are formed from registers (per-pair vector
 // accumulators). T > 8: the words of a tile (kTile 64-bit words of every mask) are combined
 // pairwise while they sit in L1. Unions follow from |a ∪ b| = |a| + |b| − |a ∩ b| (the diagonal
@@ -12,9 +13,8 @@
 #include <cstring>
 #include <mutex>
 #include <vector>
-#if defined(__AVX512F__) && defined(__AVX512VPOPCNTDQ__)
-#include <immintrin.h>
-#define CPIFT_OVERLAP_AVX512 1
+#if defined(CPU_CAPABILITY_AVX512)
+#define CPIFT_OVERLAP_VPOPCNT __attribute__((target("avx512vpopcntdq")))
 #endif
 
 namespace cpift::CPIFT_CAP {
@@ -30,10 +30,10 @@ inline uint64_t load64(const uint32_t* p) {
   return x;
 }
 
-#ifdef CPIFT_OVERLAP_AVX512
+#ifdef CPIFT_OVERLAP_VPOPCNT
 // Register-blocked kernel for a fixed T: returns the first 64-bit word it did not process.
 template <int T>
-int64_t overlap_registers(const uint32_t* const* p, int64_t begin, int64_t end, int64_t* acc) {
+CPIFT_OVERLAP_VPOPCNT int64_t overlap_registers(const uint32_t* const* p, int64_t begin, int64_t end, int64_t* acc) {
   constexpr int kPairs = T * (T + 1) / 2;
   __m512i s[kPairs];
 #pragma GCC unroll 36
@@ -60,11 +60,11 @@ int64_t overlap_registers(const uint32_t* const* p, int64_t begin, int64_t end, 
     for (int j = i; j < T; ++j) acc[i * T + j] += _mm512_reduce_add_epi64(s[k++]);
   return w;
 }
-#endif
 
-void overlap_range(const std::vector<const uint32_t*>& p, int64_t begin, int64_t end, int64_t* acc) {
+// The whole tiles of [begin, end) with vector popcounts; returns the first 64-bit word left.
+CPIFT_OVERLAP_VPOPCNT int64_t overlap_vpopcnt(const std::vector<const uint32_t*>& p, int64_t begin, int64_t end,
+                                              int64_t* acc) {
   const int64_t T = static_cast<int64_t>(p.size());
-#ifdef CPIFT_OVERLAP_AVX512
   switch (T) {
     case 1: begin = overlap_registers<1>(p.data(), begin, end, acc); break;
     case 2: begin = overlap_registers<2>(p.data(), begin, end, acc); break;
@@ -95,7 +95,15 @@ void overlap_range(const std::vector<const uint32_t*>& p, int64_t begin, int64_t
   }
   for (int64_t i = 0; i < T; ++i)
     for (int64_t j = i; j < T; ++j) acc[i * T + j] += _mm512_reduce_add_epi64(_mm512_loadu_si512(&vacc[(i * T + j) * 8]));
-  begin = w;
+  return w;
+}
+#endif
+
+void overlap_range(const std::vector<const uint32_t*>& p, int64_t begin, int64_t end, int64_t* acc) {
+  const int64_t T = static_cast<int64_t>(p.size());
+#ifdef CPIFT_OVERLAP_VPOPCNT
+  static const bool has_vpopcnt = __builtin_cpu_supports("avx512vpopcntdq");
+  if (has_vpopcnt) begin = overlap_vpopcnt(p, begin, end, acc);
 #endif
   for (int64_t w0 = begin; w0 < end; w0 += kTile) {
     const int64_t w1 = std::min(end, w0 + kTile);
