@@ -223,11 +223,22 @@ def test_sharded_fusion_is_byte_identical(fused_once, tmp_path, world):
             assert torch.equal(p.detach(), ref.get(name)), name
 
 
+def _record_outcome(rank: int, out: str, run) -> None:
+    """Run `run()` and write "no error" or the exception's type and text to error<rank>.txt beside out."""
+    try:
+        run()
+        message = "no error"
+    except Exception as exc:  # noqa: BLE001 - recorded for the test
+        message = f"{type(exc).__name__}: {exc}"
+    with open(os.path.join(os.path.dirname(out), f"error{rank}.txt"), "w") as f:
+        f.write(message)
+
+
 def _fail_worker(rank, world, out, paths):
     class Broken(Exception):
         pass
 
-    try:
+    def fuse():
         if rank == 1:
             src = open_tensors(paths["b"])
 
@@ -240,11 +251,8 @@ def _fail_worker(rank, world, out, paths):
         fuse_models(paths["backbone"], {"a": paths["a"], "b": task_b},
                     {"a": paths["a"] + ".mask", "b": paths["b"] + ".mask"}, t=0.5, base=paths["base"], out=out,
                     max_shard_size="10KB", progress=False, readahead=0, group=dist.group.WORLD)
-        message = "no error"
-    except Exception as exc:  # noqa: BLE001 - recorded for the test
-        message = f"{type(exc).__name__}: {exc}"
-    with open(os.path.join(os.path.dirname(out), f"error{rank}.txt"), "w") as f:
-        f.write(message)
+
+    _record_outcome(rank, out, fuse)
 
 
 def test_sharded_fusion_failure_on_one_rank_leaves_nothing(fused_once, tmp_path):
@@ -263,13 +271,7 @@ def test_sharded_fusion_needs_out():
 
 
 def _exists_worker(rank, world, out, paths):
-    try:
-        _fuse(paths, out, group=dist.group.WORLD)
-        message = "no error"
-    except Exception as exc:  # noqa: BLE001 - recorded for the test
-        message = f"{type(exc).__name__}: {exc}"
-    with open(os.path.join(os.path.dirname(out), f"error{rank}.txt"), "w") as f:
-        f.write(message)
+    _record_outcome(rank, out, lambda: _fuse(paths, out, group=dist.group.WORLD))
 
 
 def test_sharded_fusion_refuses_an_existing_output_on_every_rank(fused_once, tmp_path):
