@@ -479,7 +479,9 @@ def _start_run(cfg: dict, tmp_path, name: str = "run.yaml", extra: tuple = ()) -
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_exits_cleanly_with_one_line(tmp_path, sig, code):
     cfg = copy.deepcopy(SMALL)
-    cfg["pretrain"]["examples"] = 4000  # long enough to be caught mid-stage
+    # A base stage of minutes, interrupted seconds in: at 4000 examples the whole run took ~11 s, and a
+    # test process descheduled on a loaded machine could miss the stage and signal a finished run.
+    cfg["pretrain"]["examples"] = 100_000
     proc, runs = _start_run(cfg, tmp_path)
     root = os.path.join(runs, "small")
     deadline = time.time() + 120
