@@ -26,7 +26,8 @@ environment there is no torch), so nothing at module level may import torch or c
 
 Environment: ``CPIFT_SKIP_EXT=1`` (no extension: pure-PyTorch/Triton paths), ``CPIFT_CACHE_DIR``
 (JIT cache), ``FORCE_CUDA=1`` (CUDA kernels without a visible GPU), ``TORCH_CUDA_ARCH_LIST`` (GPU
-archs), ``MAX_JOBS`` (parallel compile jobs), ``CXX`` (the compiler of the capability objects).
+archs), ``MAX_JOBS`` (parallel compile jobs), ``CXX`` (the compiler of the capability objects),
+``CPIFT_CPU_CAPABILITIES`` (compile only these capabilities, e.g. ``default`` or ``default,avx2``).
 At run time ``ATEN_CPU_CAPABILITY=default|avx2|avx512`` caps the capability, as for torch's own
 kernels.
 """
@@ -74,13 +75,27 @@ BUILD_RECORD = "_C.build.json"
 
 
 def cxx_flags(*, cuda: bool) -> list[str]:
-    return CXX_FLAGS + (["-DCPIFT_WITH_CUDA"] if cuda else [])
+    """Flags of every C++ compile; -DCPIFT_WITH_<CAP> tells the registering compile (csrc/dispatch.h)
+    which extra capabilities' kernels exist."""
+    return CXX_FLAGS + [f"-DCPIFT_WITH_{cap}" for cap in capabilities()[1:]] + (["-DCPIFT_WITH_CUDA"] if cuda else [])
 
 
 def capabilities(machine: str | None = None) -> list[str]:
-    """The CPU capabilities compiled on `machine` (default: this one), DEFAULT first."""
+    """The CPU capabilities compiled on `machine` (default: this one), DEFAULT first: every one the
+    architecture has (x86-64: DEFAULT, AVX2, AVX512; others: DEFAULT), or the subset named in
+    ``$CPIFT_CPU_CAPABILITIES`` (comma-separated, any case; DEFAULT is always compiled). A subset
+    builds faster; kernels then run at the best compiled capability the CPU supports."""
     machine = (machine or platform.machine()).lower()
-    return ["DEFAULT"] + (list(CAPABILITY_FLAGS) if machine in ("x86_64", "amd64") else [])
+    available = ["DEFAULT"] + (list(CAPABILITY_FLAGS) if machine in ("x86_64", "amd64") else [])
+    wanted = os.environ.get("CPIFT_CPU_CAPABILITIES", "").strip()
+    if not wanted:
+        return available
+    names = {name.strip().upper() for name in wanted.split(",") if name.strip()}
+    unknown = sorted(names - set(available))
+    if unknown:
+        raise ValueError(f"CPIFT_CPU_CAPABILITIES={wanted!r}: {', '.join(unknown)} cannot be compiled on "
+                         f"{machine}; choose among {', '.join(available)}")
+    return [cap for cap in available if cap == "DEFAULT" or cap in names]
 
 
 def source_root() -> Path | None:

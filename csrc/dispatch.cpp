@@ -17,11 +17,21 @@ namespace cpift {
 namespace {
 
 constexpr const char* kNames[] = {"default", "avx2", "avx512"};
-#ifdef CPIFT_X86
-constexpr int kCompiled = 3;
+constexpr int kCount = 3;
+// Which capabilities' kernels this build holds (-DCPIFT_WITH_<CAP>, cpift_fast/_extension.py).
+constexpr bool kCompiled[kCount] = {
+    true,
+#ifdef CPIFT_WITH_AVX2
+    true,
 #else
-constexpr int kCompiled = 1;
+    false,
 #endif
+#ifdef CPIFT_WITH_AVX512
+    true,
+#else
+    false,
+#endif
+};
 
 // What capability `cap` needs of the CPU: the instructions its compile may use (-m flags in
 // cpift_fast/_extension.py). __builtin_cpu_supports also checks that the OS saves the vector state.
@@ -46,17 +56,19 @@ int torch_choice() {
 }
 
 int automatic() {
+  const int cap = torch_choice();
   int best = 0;
-  while (best + 1 < kCompiled && cpu_supports(best + 1)) ++best;
-  return std::min(torch_choice(), best);
+  for (int c = 1; c <= cap; ++c)
+    if (kCompiled[c] && cpu_supports(c)) best = c;
+  return best;
 }
 
 std::atomic<int> g_chosen{-1};
 
 std::vector<std::string> names(bool supported_only) {
   std::vector<std::string> out;
-  for (int c = 0; c < kCompiled; ++c)
-    if (!supported_only || cpu_supports(c)) out.emplace_back(kNames[c]);
+  for (int c = 0; c < kCount; ++c)
+    if (kCompiled[c] && (!supported_only || cpu_supports(c))) out.emplace_back(kNames[c]);
   return out;
 }
 
@@ -74,11 +86,10 @@ std::vector<std::string> supported_capabilities() { return names(true); }
 
 void set_capability(std::string name) {
   std::transform(name.begin(), name.end(), name.begin(), [](unsigned char ch) { return std::tolower(ch); });
-  const auto end = kNames + kCompiled;
-  const auto it = std::find(kNames, end, name);
-  TORCH_CHECK(it != end, "set_capability: '", name, "' is not a compiled CPU capability; compiled: ",
-              joined(compiled_capabilities()));
-  const int cap = static_cast<int>(it - kNames);
+  const auto end = kNames + kCount;
+  const int cap = static_cast<int>(std::find(kNames, end, name) - kNames);
+  TORCH_CHECK(cap < kCount && kCompiled[cap], "set_capability: '", name,
+              "' is not a compiled CPU capability; compiled: ", joined(compiled_capabilities()));
   TORCH_CHECK(cpu_supports(cap), "set_capability: this CPU does not support '", name,
               "' (it lacks some of the instructions that capability is compiled for); supported here: ",
               joined(supported_capabilities()));

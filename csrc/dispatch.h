@@ -26,9 +26,9 @@
 
 namespace cpift {
 
-// Index of the capability in use among the compiled ones (DEFAULT 0, AVX2 1, AVX512 2):
-// min(torch's at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY, and the best this CPU
-// supports), unless set_capability chose another (dispatch.cpp).
+// Index of the capability in use (DEFAULT 0, AVX2 1, AVX512 2): the best compiled one that this CPU
+// supports and torch's at::get_cpu_capability() (which honours ATEN_CPU_CAPABILITY) allows, unless
+// set_capability chose another (dispatch.cpp).
 int capability_index();
 
 template <typename Fn>
@@ -46,16 +46,25 @@ struct Dispatch<R(A...)> {
 
 }  // namespace cpift
 
-// In the registering compile: CPIFT_DECLARE_CAPS(name) declares the other capabilities' copies of
-// cpift::DEFAULT::name (defined by their compiles); CPIFT_KERNEL(name) is the kernel to register.
-#ifdef CPIFT_X86
-#define CPIFT_DECLARE_CAPS(name)                                      \
-  namespace cpift::AVX2 { decltype(::cpift::DEFAULT::name) name; }   \
-  namespace cpift::AVX512 { decltype(::cpift::DEFAULT::name) name; }
-#define CPIFT_KERNEL(name)                                                                           \
-  (&::cpift::Dispatch<decltype(::cpift::DEFAULT::name)>::call<&::cpift::DEFAULT::name, &::cpift::AVX2::name, \
-                                                              &::cpift::AVX512::name>)
+// In the registering compile: CPIFT_DECLARE_CAPS(name) declares the other compiled capabilities'
+// copies of cpift::DEFAULT::name (defined by their compiles); CPIFT_KERNEL(name) is the kernel to
+// register. -DCPIFT_WITH_AVX2 / -DCPIFT_WITH_AVX512 (cpift_fast/_extension.py) say which copies were
+// compiled; a table slot of a capability not compiled holds DEFAULT's copy and is never chosen.
+#ifdef CPIFT_WITH_AVX2
+#define CPIFT_DECLARE_AVX2(name) namespace cpift::AVX2 { decltype(::cpift::DEFAULT::name) name; }
+#define CPIFT_AVX2_COPY(name) &::cpift::AVX2::name
 #else
-#define CPIFT_DECLARE_CAPS(name)
-#define CPIFT_KERNEL(name) (&::cpift::Dispatch<decltype(::cpift::DEFAULT::name)>::call<&::cpift::DEFAULT::name>)
+#define CPIFT_DECLARE_AVX2(name)
+#define CPIFT_AVX2_COPY(name) &::cpift::DEFAULT::name
 #endif
+#ifdef CPIFT_WITH_AVX512
+#define CPIFT_DECLARE_AVX512(name) namespace cpift::AVX512 { decltype(::cpift::DEFAULT::name) name; }
+#define CPIFT_AVX512_COPY(name) &::cpift::AVX512::name
+#else
+#define CPIFT_DECLARE_AVX512(name)
+#define CPIFT_AVX512_COPY(name) &::cpift::DEFAULT::name
+#endif
+#define CPIFT_DECLARE_CAPS(name) CPIFT_DECLARE_AVX2(name) CPIFT_DECLARE_AVX512(name)
+#define CPIFT_KERNEL(name)                                                                        \
+  (&::cpift::Dispatch<decltype(::cpift::DEFAULT::name)>::call<&::cpift::DEFAULT::name, CPIFT_AVX2_COPY(name), \
+                                                              CPIFT_AVX512_COPY(name)>)

@@ -198,3 +198,29 @@ def test_every_capability_gives_the_same_bits(kernel):
                 assert torch.equal(a, b), f"{kernel}: {name} differs from default in the bits of output {k}"
             else:
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=0, msg=f"{kernel}: {name} vs default, output {k}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CPIFT_CPU_CAPABILITIES: a subset at build time (a subset build is run by tests/test_packaging.py)
+# ---------------------------------------------------------------------------------------------
+
+def test_capability_subset_from_the_environment(monkeypatch):
+    from cpift_fast import _extension
+
+    monkeypatch.delenv("CPIFT_CPU_CAPABILITIES", raising=False)
+    assert _extension.capabilities("x86_64") == ["DEFAULT", "AVX2", "AVX512"]
+    assert _extension.capabilities("aarch64") == ["DEFAULT"]
+    for wanted, expected in (("avx512", ["DEFAULT", "AVX512"]), (" Default , AVX2 ", ["DEFAULT", "AVX2"]),
+                             ("default", ["DEFAULT"]), ("avx512,avx2", ["DEFAULT", "AVX2", "AVX512"])):
+        monkeypatch.setenv("CPIFT_CPU_CAPABILITIES", wanted)
+        assert _extension.capabilities("x86_64") == expected, wanted
+    monkeypatch.setenv("CPIFT_CPU_CAPABILITIES", "avx512")
+    assert [f for f in _extension.cxx_flags(cuda=False) if f.startswith("-DCPIFT_WITH")] == (
+        ["-DCPIFT_WITH_AVX512"] if platform.machine().lower() in ("x86_64", "amd64") else [])
+    monkeypatch.setenv("CPIFT_CPU_CAPABILITIES", "avx2,sse9")
+    with pytest.raises(ValueError, match=r"CPIFT_CPU_CAPABILITIES='avx2,sse9': SSE9 cannot be compiled on x86_64; "
+                                         r"choose among DEFAULT, AVX2, AVX512"):
+        _extension.capabilities("x86_64")
+    monkeypatch.setenv("CPIFT_CPU_CAPABILITIES", "avx2")
+    with pytest.raises(ValueError, match="AVX2 cannot be compiled on aarch64; choose among DEFAULT"):
+        _extension.capabilities("aarch64")

@@ -159,10 +159,10 @@ def _installed_files(venv: Path) -> list[str]:
     return [line.strip() for line in out.split("Files:")[1].splitlines() if line.strip()]
 
 
-def _step(venv: Path, cwd: Path, cache: Path) -> subprocess.Popen:
+def _step(venv: Path, cwd: Path, cache: Path, **env: str) -> subprocess.Popen:
     return subprocess.Popen([str(venv / "bin" / "python"), "-c", STEP], cwd=cwd, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env=_clean_env(CPIFT_CACHE_DIR=str(cache)))
+                            env=_clean_env(CPIFT_CACHE_DIR=str(cache), **env))
 
 
 def _finish(proc: subprocess.Popen) -> tuple[dict, str]:
@@ -197,25 +197,34 @@ def test_install_without_build_isolation_prebuilds(sdist, venv, tmp_path):
 
 
 def test_install_with_build_isolation_compiles_at_first_import(sdist, venv, tmp_path):
+    """Also a subset build (CPIFT_CPU_CAPABILITIES) that leaves a gap: DEFAULT and AVX512 without AVX2
+    on x86-64 (one compile less in CI), DEFAULT elsewhere."""
     py = venv / "bin" / "python"
     _run([py, "-m", "pip", "install", "-q", sdist], env=_clean_env())  # pip's defaults: isolated build, no torch
+    x86 = "avx512" in _capabilities()
+    subset = {"CPIFT_CPU_CAPABILITIES": "AVX512" if x86 else "default"}
     try:
         files = _installed_files(venv)
         assert not any(f.endswith(".so") for f in files), f"an isolated build has no torch to compile against: {files}"
         assert "cpift_fast/csrc/common.h" in files and "cpift_fast/csrc/cuda/mask.cu" in files, files
         cache = tmp_path / "cache"
-        first, second = _step(venv, tmp_path, cache), _step(venv, tmp_path, cache)  # import at once
+        first, second = _step(venv, tmp_path, cache, **subset), _step(venv, tmp_path, cache, **subset)  # at once
         (info1, err1), (info2, err2) = _finish(first), _finish(second)
         for info in (info1, info2):
             assert info["extension"] is True and info["build"]["how"] == "jit", info
             assert info["build"]["path"].startswith(str(cache)) and "-ffp-contract=off" in info["build"]["cxx_flags"]
-            assert info["build"]["cpu_capabilities_compiled"] == _capabilities(), info["build"]
+            assert info["build"]["cpu_capabilities_compiled"] == (["default", "avx512"] if x86 else ["default"])
+            # torch at AVX512 runs our best supported one; torch capped at AVX2 falls to DEFAULT, never the missing AVX2
+            best = info["build"]["cpu_capabilities_supported"][-1]
+            assert info["build"]["cpu_capability"] == (best if info["build"]["torch_cpu_capability"] == "AVX512"
+                                                       else "default"), info["build"]
         compiled = (err1 + err2).count("cpift_fast: compiling the C++ extension")
         assert compiled == 1, f"expected one compile for two processes, saw {compiled}:\n{err1}\n{err2}"
         assert len(list(cache.glob("*/*.so"))) == 1
-        info3, err3 = _finish(_step(venv, tmp_path, cache))  # cached: loads, says nothing
+        info3, err3 = _finish(_step(venv, tmp_path, cache, **subset))  # cached: loads, says nothing
         assert info3["build"]["how"] == "jit" and "compiling" not in err3, err3
-        out = _run([venv / "bin" / "cpift", "info"], env=_clean_env(CPIFT_CACHE_DIR=str(cache)), cwd=tmp_path).stdout
+        out = _run([venv / "bin" / "cpift", "info"], env=_clean_env(CPIFT_CACHE_DIR=str(cache), **subset),
+                   cwd=tmp_path).stdout
         assert json.loads(out)["built"]["how"] == "jit"
     finally:
         _run([py, "-m", "pip", "uninstall", "-y", "-q", "cpift_fast"], env=_clean_env())
