@@ -43,20 +43,36 @@ void check_float(const at::Tensor& t, const char* op, const char* name, const st
               " must be float32, float16 or bfloat16, got ", s);
 }
 
-// dst[0:n] = float(src[start:start+n]) for a contiguous flat tensor of float/half/bf16.
-void load_f32(const at::Tensor& t, int64_t start, int64_t n, float* dst) {
-  switch (t.scalar_type()) {
+// A tensor's elements as one flat contiguous buffer of float/half/bf16: the tensor's own memory when
+// it is contiguous, else a contiguous copy held in `keep` (no view is made: a small tensor's call
+// costs little more than its elements).
+struct Flat {
+  const void* p = nullptr;
+  at::ScalarType s = at::kFloat;
+  at::Tensor keep;
+  Flat() = default;
+  explicit Flat(const at::Tensor& t) : s(t.scalar_type()) {
+    if (!t.is_contiguous()) keep = t.contiguous();
+    p = (keep.defined() ? keep : t).const_data_ptr();
+  }
+  template <typename T>
+  const T* as() const { return static_cast<const T*>(p); }
+};
+
+// dst[0:n] = float(src[start:start+n]).
+void load_f32(const Flat& t, int64_t start, int64_t n, float* dst) {
+  switch (t.s) {
     case at::kFloat:
-      std::memcpy(dst, t.const_data_ptr<float>() + start, n * sizeof(float));
+      std::memcpy(dst, t.as<float>() + start, n * sizeof(float));
       break;
     case at::kBFloat16: {
-      const uint16_t* s = reinterpret_cast<const uint16_t*>(t.const_data_ptr<at::BFloat16>()) + start;
+      const uint16_t* s = t.as<uint16_t>() + start;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_f32(s[i]);
       break;
     }
     default: {
-      const at::Half* s = t.const_data_ptr<at::Half>() + start;
+      const at::Half* s = t.as<at::Half>() + start;
       int64_t i = 0;
 #if defined(__AVX512F__)
       for (; i + 16 <= n; i += 16)
@@ -67,20 +83,20 @@ void load_f32(const at::Tensor& t, int64_t start, int64_t n, float* dst) {
   }
 }
 
-// out[start:start+n] = cast(src[0:n]) to out's dtype (round to nearest even).
-void store_cast(const float* src, int64_t start, int64_t n, const at::Tensor& out) {
-  switch (out.scalar_type()) {
+// out[start:start+n] = cast(src[0:n]) to the dtype s of the contiguous buffer out (round to nearest even).
+void store_cast(const float* src, int64_t start, int64_t n, void* out, at::ScalarType s) {
+  switch (s) {
     case at::kFloat:
-      std::memcpy(out.data_ptr<float>() + start, src, n * sizeof(float));
+      std::memcpy(static_cast<float*>(out) + start, src, n * sizeof(float));
       break;
     case at::kBFloat16: {
-      uint16_t* d = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + start;
+      uint16_t* d = static_cast<uint16_t*>(out) + start;
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16_bits(src[i]);
       break;
     }
     default: {
-      at::Half* d = out.data_ptr<at::Half>() + start;
+      at::Half* d = static_cast<at::Half*>(out) + start;
       int64_t i = 0;
 #if defined(__AVX512F__)
       for (; i + 16 <= n; i += 16)
@@ -92,8 +108,6 @@ void store_cast(const float* src, int64_t start, int64_t n, const at::Tensor& ou
     }
   }
 }
-
-at::Tensor flat_contiguous(const at::Tensor& t) { return t.contiguous().view(-1); }
 
 // x = c0·x + c1·y (+ c2·z), each product rounded to fp32 before the sums (no FMA contraction), so
 // the result is bit-identical to the reference's `c0 * a + c1 * b + c2 * base`.
@@ -150,11 +164,11 @@ void dot3_f32(const float* a, const float* b, const float* z, int64_t n, double 
 }
 
 
-// One (a, b, base) triple of a call, flattened and contiguous; base undefined: none.
+// One (a, b, base) triple of a call.
 struct Triple {
-  at::Tensor a, b, base;
+  Flat a, b, base;
   int64_t n = 0;
-  bool all_f32 = false;
+  bool has_base = false, all_f32 = false;
 };
 
 Triple make_triple(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& base, const char* op,
@@ -168,13 +182,13 @@ Triple make_triple(const at::Tensor& a, const at::Tensor& b, const std::optional
     check_float(*base, op, "base", ix);
     TORCH_CHECK(base->numel() == a.numel(), op, ": base", ix, " has ", base->numel(), " elements (shape ",
                 base->sizes(), "), a", ix, " has ", a.numel(), " (shape ", a.sizes(), ")");
-    p.base = flat_contiguous(*base);
+    p.base = Flat(*base);
+    p.has_base = true;
   }
-  p.a = flat_contiguous(a);
-  p.b = flat_contiguous(b);
+  p.a = Flat(a);
+  p.b = Flat(b);
   p.n = a.numel();
-  p.all_f32 = p.a.scalar_type() == at::kFloat && p.b.scalar_type() == at::kFloat &&
-              (!p.base.defined() || p.base.scalar_type() == at::kFloat);
+  p.all_f32 = p.a.s == at::kFloat && p.b.s == at::kFloat && (!p.has_base || p.base.s == at::kFloat);
   return p;
 }
 
@@ -202,11 +216,11 @@ struct WorkList {
 
 // (Σ u·v, Σ u², Σ v²) of elements [start, start + len) of p, len <= kChunk, into out[0:3].
 void stats_chunk(const Triple& p, int64_t start, int64_t len, float* u, float* v, float* w, double* out) {
-  const bool has_base = p.base.defined();
+  const bool has_base = p.has_base;
   if (p.all_f32) {
     out[0] = out[1] = out[2] = 0;
-    dot3_f32(p.a.const_data_ptr<float>() + start, p.b.const_data_ptr<float>() + start,
-             has_base ? p.base.const_data_ptr<float>() + start : nullptr, len, out);
+    dot3_f32(p.a.as<float>() + start, p.b.as<float>() + start, has_base ? p.base.as<float>() + start : nullptr, len,
+             out);
     return;
   }
   load_f32(p.a, start, len, u);
@@ -256,10 +270,10 @@ at::Tensor stats_of(const std::vector<Triple>& p) {
 struct ApplyJob {
   Triple p;
   float f0 = 0, f1 = 0, f2 = 0;
-  std::vector<at::Tensor> values, words;  // flat, contiguous
+  std::vector<Flat> values, words;
   std::vector<const uint32_t*> wp;
   std::vector<const char*> vb;
-  at::Tensor out;
+  at::Tensor out;  // contiguous, a's shape and dtype
 };
 
 // values / words: the K cores of the tensor, named values[first + k] / words[first + k] in messages
@@ -280,37 +294,39 @@ ApplyJob make_job(const at::Tensor& a, const at::Tensor& b, const std::optional<
                 ", a", ix, " has ", a.scalar_type(), " (a transplant copies bits: cast first)");
     TORCH_CHECK(values[k].numel() == n, op, ": ", v, " has ", values[k].numel(), " elements, a", ix, " has ", n);
     TORCH_CHECK(values[k].device().is_cpu(), op, ": ", v, " must be a CPU tensor for the C++ kernel");
-    j.words.push_back(flat_contiguous(words[k]));
-    check_words(j.words.back(), (std::string(op) + ": " + w).c_str());
-    TORCH_CHECK(j.words.back().numel() == (n + 31) / 32, op, ": ", w, " must be ", (n + 31) / 32,
-                " int32 words, got ", j.words.back().numel(), " (a", ix, " has ", n, " elements)");
-    j.values.push_back(flat_contiguous(values[k]));
-    j.wp.push_back(reinterpret_cast<const uint32_t*>(j.words.back().const_data_ptr<int32_t>()));
-    j.vb.push_back(static_cast<const char*>(j.values.back().const_data_ptr()));
+    TORCH_CHECK(words[k].scalar_type() == at::kInt && words[k].numel() == (n + 31) / 32, op, ": ", w, " must be ",
+                (n + 31) / 32, " int32 words, got ", words[k].numel(), " ", words[k].scalar_type(), " (a", ix, " has ",
+                n, " elements)");
+    TORCH_CHECK(words[k].device().is_cpu(), op, ": ", w, " must be a CPU tensor for the C++ kernel");
+    j.words.emplace_back(words[k]);
+    j.values.emplace_back(values[k]);
+    j.wp.push_back(j.words.back().as<uint32_t>());
+    j.vb.push_back(j.values.back().as<char>());
   }
-  j.out = at::empty({n}, j.p.a.options());
+  j.out = at::empty(a.sizes(), a.options().memory_format(at::MemoryFormat::Contiguous));
   return j;
 }
 
 // rule: 0 = last core holding an element wins, 1 = first wins, 2 = fp32 mean of the cores holding it.
 void apply_chunk(const ApplyJob& j, int64_t rule, int64_t start, int64_t len, float* x, float* y, float* z) {
   const Triple& p = j.p;
-  const bool has_base = p.base.defined();
+  const bool has_base = p.has_base;
   const int64_t n = p.n;
+  void* out = j.out.data_ptr();
   if (p.all_f32) {
-    blend_f32(j.out.data_ptr<float>() + start, p.a.const_data_ptr<float>() + start, p.b.const_data_ptr<float>() + start,
-              has_base ? p.base.const_data_ptr<float>() + start : nullptr, len, j.f0, j.f1, j.f2);
+    blend_f32(static_cast<float*>(out) + start, p.a.as<float>() + start, p.b.as<float>() + start,
+              has_base ? p.base.as<float>() + start : nullptr, len, j.f0, j.f1, j.f2);
   } else {
     load_f32(p.a, start, len, x);
     load_f32(p.b, start, len, y);
     if (has_base) load_f32(p.base, start, len, z);
     blend(x, y, has_base ? z : nullptr, len, j.f0, j.f1, j.f2);
-    store_cast(x, start, len, j.out);
+    store_cast(x, start, len, out, p.a.s);
   }
   const int64_t K = static_cast<int64_t>(j.values.size());
   if (K == 0) return;
-  const int64_t esize = p.a.element_size();
-  char* outb = static_cast<char*>(j.out.data_ptr());
+  const int64_t esize = c10::elementSize(p.a.s);
+  char* outb = static_cast<char*>(out);
   const int64_t w0 = start / 32, w1 = (start + len + 31) / 32;
   // bits of word w that name elements (padding bits past n in the last word are ignored)
   const auto live = [n](int64_t w) { return n - w * 32 >= 32 ? ~0u : (1u << (n - w * 32)) - 1u; };
@@ -346,7 +362,7 @@ void apply_chunk(const ApplyJob& j, int64_t rule, int64_t start, int64_t len, fl
           ++cnt;
         }
       const float mean = sum / static_cast<float>(cnt);
-      store_cast(&mean, i, 1, j.out);
+      store_cast(&mean, i, 1, out, p.a.s);
     }
   }
 }
@@ -389,7 +405,7 @@ at::Tensor slerp_apply(const at::Tensor& a, const at::Tensor& b, const std::opti
   std::vector<ApplyJob> jobs;
   jobs.push_back(make_job(a, b, base, c0, c1, c2, values, words, 0, "slerp_apply", ""));
   apply_all(jobs, rule);
-  return jobs[0].out.view(a.sizes());
+  return jobs[0].out;
 }
 
 // out[t] is slerp_apply(a[t], b[t], base[t], coeffs[3t], coeffs[3t+1], coeffs[3t+2], the counts[t] cores
@@ -425,7 +441,7 @@ std::vector<at::Tensor> slerp_apply_list(at::TensorList a, at::TensorList b,
   }
   apply_all(jobs, rule);
   std::vector<at::Tensor> out;
-  for (int64_t t = 0; t < T; ++t) out.push_back(jobs[t].out.view(a[t].sizes()));
+  for (int64_t t = 0; t < T; ++t) out.push_back(std::move(jobs[t].out));
   return out;
 }
 
