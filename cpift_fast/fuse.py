@@ -95,8 +95,8 @@ def slerp_coefficients(t: float, stats: torch.Tensor | Sequence[float], *, task_
     ``stats`` = (u·v, |u|², |v|²) from one reduction pass. ``info``: ``mode`` ("copy", "slerp",
     "lerp_collinear", "lerp_zero_norm"), ``angle_deg`` (NaN when a norm is ~0) and ``cos``.
     """
-    dot, uu, vv = stats.tolist() if isinstance(stats, torch.Tensor) else (float(x) for x in stats)
-    if not all(math.isfinite(x) for x in (dot, uu, vv)):
+    dot, uu, vv = stats.tolist() if isinstance(stats, torch.Tensor) else map(float, stats)
+    if not (math.isfinite(dot) and math.isfinite(uu) and math.isfinite(vv)):
         raise ValueError(f"non-finite values in the tensors (u·v={dot}, |u|²={uu}, |v|²={vv})")
     nu, nv = math.sqrt(uu), math.sqrt(vv)
     if nu <= eps or nv <= eps:
