@@ -35,11 +35,13 @@ tasks' values, rounded to the backbone dtype; no longer a copy of any one task).
 
 Streaming. Every input is read one tensor name at a time (backbone, base, each task), so memory
 holds the tensors of a few names, not models. A reader thread (cpift_fast.readahead) fetches the
-inputs of the next names while the kernels fuse the current one (maps them and starts their disk
+inputs of the next names while the kernels fuse the current run (maps them and starts their disk
 reads), at most ``readahead`` bytes ahead; with ``out``, fused tensors go to the shards on a writer
 thread (write-behind: the shard writes and their fsyncs overlap the next names' fusion), at most
 ``readahead`` bytes queued. Default 32 MiB each; 0: no threads, everything in the caller's thread.
-Peak memory: the current name's tensors plus at most twice the budget (or, on either side, one
+The kernels take a run of consecutive names at a time (up to 2M backbone elements; a larger name
+alone): one list-op call per pass over the run, so hundreds of small tensors share the threads.
+Peak memory: the current run's tensors plus at most twice the budget (or, on either side, one
 name's tensors larger than it).
 
 Sharded (``group=``, a torch.distributed process group; with ``out``): every rank passes the same

@@ -29,11 +29,13 @@
 namespace cpift::CPIFT_CAP {
 namespace {
 
-constexpr int64_t kChunk = 2048;  // elements per scratch chunk: a multiple of 32 (word-aligned)
+constexpr int64_t kChunk = 2048;  // elements per work-list chunk and scratch buffer: a multiple of 32 (word-aligned)
+// Elements per thread task: below this a call runs on one thread. Every parallel region costs a
+// thread wake-up (on an oversubscribed machine a descheduled thread stalls the region), so one
+// call opens one region for all its tensors, whatever their sizes (as csrc/select.cpp).
+constexpr int64_t kListGrain = 1 << 18;
 
 // bf16/fp16 <-> fp32: the common.h helpers (bf16_bits_to_f32, f32_to_bf16_bits, narrow<c10::Half>).
-
-constexpr int64_t kListGrain = 1 << 18;  // elements per thread task: below this a call runs on one thread
 
 // `op: <name><ix>` names a tensor in messages; ix is "" in the single ops, "[t]" in the list ops.
 void check_float(const at::Tensor& t, const char* op, const char* name, const std::string& ix) {
