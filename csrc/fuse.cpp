@@ -289,17 +289,22 @@ ApplyJob make_job(const at::Tensor& a, const at::Tensor& b, const std::optional<
   j.f1 = static_cast<float>(c1);
   j.f2 = static_cast<float>(c2);
   const int64_t n = j.p.n;
-  const std::string of = ix.empty() ? "" : " (a core of a" + ix + ")";
+  // the messages' parts, built only when a check fails (TORCH_CHECK evaluates them then)
+  const char* of = ix.empty() ? "" : " (a core of a";
+  const char* close = ix.empty() ? "" : ")";
   for (int64_t k = 0; k < static_cast<int64_t>(values.size()); ++k) {
-    const std::string v = "values" + list_index(first + k) + of, w = "words" + list_index(first + k) + of;
-    TORCH_CHECK(values[k].scalar_type() == a.scalar_type(), op, ": ", v, " has dtype ", values[k].scalar_type(),
-                ", a", ix, " has ", a.scalar_type(), " (a transplant copies bits: cast first)");
-    TORCH_CHECK(values[k].numel() == n, op, ": ", v, " has ", values[k].numel(), " elements, a", ix, " has ", n);
-    TORCH_CHECK(values[k].device().is_cpu(), op, ": ", v, " must be a CPU tensor for the C++ kernel");
-    TORCH_CHECK(words[k].scalar_type() == at::kInt && words[k].numel() == (n + 31) / 32, op, ": ", w, " must be ",
-                (n + 31) / 32, " int32 words, got ", words[k].numel(), " ", words[k].scalar_type(), " (a", ix, " has ",
-                n, " elements)");
-    TORCH_CHECK(words[k].device().is_cpu(), op, ": ", w, " must be a CPU tensor for the C++ kernel");
+    const int64_t i = first + k;
+    TORCH_CHECK(values[k].scalar_type() == a.scalar_type(), op, ": values[", i, "]", of, ix, close, " has dtype ",
+                values[k].scalar_type(), ", a", ix, " has ", a.scalar_type(), " (a transplant copies bits: cast first)");
+    TORCH_CHECK(values[k].numel() == n, op, ": values[", i, "]", of, ix, close, " has ", values[k].numel(),
+                " elements, a", ix, " has ", n);
+    TORCH_CHECK(values[k].device().is_cpu(), op, ": values[", i, "]", of, ix, close,
+                " must be a CPU tensor for the C++ kernel");
+    TORCH_CHECK(words[k].scalar_type() == at::kInt && words[k].numel() == (n + 31) / 32, op, ": words[", i, "]", of,
+                ix, close, " must be ", (n + 31) / 32, " int32 words, got ", words[k].numel(), " ",
+                words[k].scalar_type(), " (a", ix, " has ", n, " elements)");
+    TORCH_CHECK(words[k].device().is_cpu(), op, ": words[", i, "]", of, ix, close,
+                " must be a CPU tensor for the C++ kernel");
     j.words.emplace_back(words[k]);
     j.values.emplace_back(values[k]);
     j.wp.push_back(j.words.back().as<uint32_t>());
