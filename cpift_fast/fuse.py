@@ -35,11 +35,13 @@ tasks' values, rounded to the backbone dtype; no longer a copy of any one task).
 
 Streaming. Every input is read one tensor name at a time (backbone, base, each task), so memory
 holds the tensors of a few names, not models. A reader thread (cpift_fast.readahead) fetches the
-inputs of the next names while the kernels fuse the current one (maps them and starts their disk
+inputs of the next names while the kernels fuse the current run (maps them and starts their disk
 reads), at most ``readahead`` bytes ahead; with ``out``, fused tensors go to the shards on a writer
 thread (write-behind: the shard writes and their fsyncs overlap the next names' fusion), at most
 ``readahead`` bytes queued. Default 32 MiB each; 0: no threads, everything in the caller's thread.
-Peak memory: the current name's tensors plus at most twice the budget (or, on either side, one
+The kernels take a run of consecutive names at a time (up to 2M backbone elements; a larger name
+alone): one list-op call per pass over the run, so hundreds of small tensors share the threads.
+Peak memory: the current run's tensors plus at most twice the budget (or, on either side, one
 name's tensors larger than it).
 
 Sharded (``group=``, a torch.distributed process group; with ``out``): every rank passes the same
@@ -65,7 +67,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -79,6 +81,7 @@ from .shard import group_rank_world, on_rank0, tensor_shares
 OVERLAP_RULES = {"last": 0, "first": 1, "mean": 2}
 SPACES = ("weights", "task_vector")
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_RUN_ELEMENTS = 1 << 21  # backbone elements per list-op call (a run of names; a larger tensor alone)
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 _EMBED_RE = re.compile(r"embed|(?:^|\.)(?:wte|wpe)(?:\.|$)")
 
@@ -94,8 +97,8 @@ def slerp_coefficients(t: float, stats: torch.Tensor | Sequence[float], *, task_
     ``stats`` = (u·v, |u|², |v|²) from one reduction pass. ``info``: ``mode`` ("copy", "slerp",
     "lerp_collinear", "lerp_zero_norm"), ``angle_deg`` (NaN when a norm is ~0) and ``cos``.
     """
-    dot, uu, vv = stats.tolist() if isinstance(stats, torch.Tensor) else (float(x) for x in stats)
-    if not all(math.isfinite(x) for x in (dot, uu, vv)):
+    dot, uu, vv = stats.tolist() if isinstance(stats, torch.Tensor) else map(float, stats)
+    if not (math.isfinite(dot) and math.isfinite(uu) and math.isfinite(vv)):
         raise ValueError(f"non-finite values in the tensors (u·v={dot}, |u|²={uu}, |v|²={vv})")
     nu, nv = math.sqrt(uu), math.sqrt(vv)
     if nu <= eps or nv <= eps:
@@ -132,20 +135,37 @@ def _resolve_space(space: str | None, base) -> bool:
     return space == "task_vector"
 
 
-def _slerp_pair(t: float, a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, task_vector: bool,
-                dot_threshold: float, eps: float, values=(), words=(), rule: int = 0, name: str = "tensor"):
-    """Fused stats + apply for one pair (plus optional transplant) -> (result in a's dtype, info)."""
-    base = base if task_vector else None
-    if t == 0:  # 1·a + 0·a keeps every bit of a, signed zeros included
-        stats, b = torch.zeros(3, dtype=torch.float64), a
-    else:
-        stats = ops.slerp_stats(a, b, base)
-    try:
-        c0, c1, c2, info = slerp_coefficients(t, stats, task_vector=task_vector, dot_threshold=dot_threshold, eps=eps)
-    except ValueError as exc:
-        raise ValueError(f"slerp of {name}: {exc}") from None
-    out = ops.slerp_apply(a, b, base if c2 != 0.0 else None, c0, c1, c2, list(values), list(words), rule)
-    return out, info
+def _slerp_run(ts: Sequence[float], a: list[torch.Tensor], b: list[torch.Tensor], base: list[torch.Tensor | None],
+               task_vector: bool, dot_threshold: float, eps: float, names: Sequence[str],
+               cores: Sequence[tuple[list[torch.Tensor], list[torch.Tensor]]] | None = None, rule: int = 0):
+    """SLERP of T tensor pairs with one slerp_stats_list and one slerp_apply_list call (the C++
+    kernels split all T over the threads) -> ([result t in a[t]'s dtype], [info t]).
+
+    Pair t: ``slerp(ts[t], a[t], b[t])`` (task vectors against ``base[t]`` when ``task_vector``),
+    plus the transplant of ``cores[t] = (values, words)``; ``names[t]`` names it in errors.
+    """
+    T = len(a)
+    base = list(base) if task_vector else [None] * T
+    cores = cores if cores is not None else [([], [])] * T
+    need = [i for i in range(T) if ts[i] != 0]  # t == 0: 1·a + 0·a keeps every bit of a, signed zeros included
+    rows = ops.slerp_stats_list([a[i] for i in need], [b[i] for i in need], [base[i] for i in need]).tolist() \
+        if need else []
+    stats = dict(zip(need, rows))
+    coeffs, bs, bases, values, words, counts, infos = [], [], [], [], [], [], []
+    for i in range(T):
+        try:
+            c0, c1, c2, info = slerp_coefficients(ts[i], stats.get(i, (0.0, 0.0, 0.0)), task_vector=task_vector,
+                                                  dot_threshold=dot_threshold, eps=eps)
+        except ValueError as exc:
+            raise ValueError(f"slerp of {names[i]}: {exc}") from None
+        coeffs += (c0, c1, c2)
+        bs.append(b[i] if ts[i] != 0 else a[i])
+        bases.append(base[i] if c2 != 0.0 else None)
+        values += cores[i][0]
+        words += cores[i][1]
+        counts.append(len(cores[i][0]))
+        infos.append(info)
+    return ops.slerp_apply_list(a, bs, bases, coeffs, values, words, counts, rule), infos
 
 
 def slerp(t: float, a: torch.Tensor, b: torch.Tensor, *, dot_threshold: float = 0.9995, eps: float = 1e-8,
@@ -165,7 +185,7 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor, *, dot_threshold: float = 
         raise ValueError(f"slerp: base has shape {list(base.shape)}, a has shape {list(a.shape)}")
     if b.device != a.device or (base is not None and base.device != a.device):
         raise ValueError("slerp: a, b and base must be on one device")
-    out, info = _slerp_pair(t, a, b, base, task_vector, dot_threshold, eps)
+    (out,), (info,) = _slerp_run([t], [a], [b], [base], task_vector, dot_threshold, eps, ["tensor"])
     return (out, info) if return_info else out
 
 
@@ -355,15 +375,14 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
             behind = WriteBehind(writer.add, lambda t: t.numel() * t.element_size(), readahead,
                                  describe=lambda n: f"fused tensor {n!r} to {writer.path}")
         ahead = ReadAhead(mine, inputs.prefetch, inputs.nbytes, readahead if streamed else 0, describe=inputs.describe)
-        for name, (a, base_t, models) in ahead:
-            fused, entry = _fuse_tensor(name, a, base_t, models, srcs, core_masks, layout, schedule(name), task_vector,
-                                        rule, dot_threshold, eps, stats)
-            stats["tensors"][name] = entry
-            if behind is not None:
-                behind.put(name, fused)
-            else:
-                result[name] = fused
-            bar.update(bb.numel(name))
+        for run in _runs(ahead):
+            fused = _fuse_run(run, srcs, core_masks, layout, schedule, task_vector, rule, dot_threshold, eps, stats)
+            for name, tensor in fused:
+                if behind is not None:
+                    behind.put(name, tensor)
+                else:
+                    result[name] = tensor
+                bar.update(bb.numel(name))
         if writer is not None:
             behind.finish()
             done, writer = writer, None  # (a GroupShardedWriter's exit is collective: called once)
@@ -475,47 +494,80 @@ class _Inputs:
         return f"tensor {name!r} of " + ", ".join(src.description for src in self._sources(name))
 
 
-def _fuse_tensor(name, a, base, models, srcs, core_masks, layout, t, task_vector, rule, dot_threshold, eps, stats):
-    entry: dict[str, Any] = {"t": t, "numel": a.numel()}
-    stats["elements"] += a.numel()
-    if not a.is_floating_point():
-        entry["mode"] = "copy_non_float"
-        stats["modes"]["copy_non_float"] = stats["modes"].get("copy_non_float", 0) + 1
-        return a.clone(), entry
-    fold_modes = []
-    m = models[0]
-    for i in range(1, len(models)):
-        m = m.float() if m.dtype != torch.float32 else m
-        m, info = _slerp_pair(1.0 / (i + 1), m, models[i], base, task_vector, dot_threshold, eps, name=name)
-        fold_modes.append(info["mode"])
-    values, words = [], []
-    if layout is not None and name in layout.index:
-        for k, v in zip(srcs, models):
-            if v.dtype != a.dtype:
-                if name not in stats["cast_cores"]:
-                    stats["cast_cores"].append(name)
-                v = v.to(a.dtype)
-            values.append(v)
-            words.append(core_masks[k].tensor_words(name))
-    fused, info = _slerp_pair(t, a, m, base, task_vector, dot_threshold, eps, values, words, rule, name=name)
-    if fused.shape != a.shape:
-        fused = fused.view(a.shape)
-    entry.update(mode=info["mode"], angle_deg=info["angle_deg"], fold_modes=fold_modes)
-    stats["modes"][info["mode"]] = stats["modes"].get(info["mode"], 0) + 1
-    for mode in fold_modes:
-        stats["modes"][f"fold_{mode}"] = stats["modes"].get(f"fold_{mode}", 0) + 1
-    if words:
-        seen = torch.zeros_like(words[0])
-        multi = torch.zeros_like(words[0])
-        for w in words:
-            multi |= seen & w
-            seen |= w
-        offs = torch.tensor([0, seen.numel()], dtype=torch.int64)
-        entry["transplanted"] = int(ops.mask_popcount(seen, offs)[0])
-        entry["overlapping"] = int(ops.mask_popcount(multi, offs)[0])
-        stats["transplanted"] += entry["transplanted"]
-        stats["overlapping"] += entry["overlapping"]
-    return fused, entry
+def _runs(items: Iterator[tuple[str, tuple]]) -> Iterator[list[tuple[str, tuple]]]:
+    """Runs of consecutive names for one list-op call per pass: up to _RUN_ELEMENTS backbone
+    elements (a larger tensor alone). Hundreds of small tensors (norms, biases) then cost one
+    parallel region over all threads, not one region (and one thread) each. The run's inputs are
+    held while the read-ahead keeps reading the next names: peak memory grows by one run."""
+    run, elements = [], 0
+    for item in items:
+        n = item[1][0].numel()
+        if run and elements + n > _RUN_ELEMENTS:
+            yield run
+            run, elements = [], 0
+        run.append(item)
+        elements += n
+    if run:
+        yield run
+
+
+def _fuse_run(run, srcs, core_masks, layout, schedule, task_vector, rule, dot_threshold, eps, stats):
+    """Fuse a run of names ``[(name, (a, base, [task tensors]))]``: each fold step and the final blend
+    is one list-op call over the run's float tensors (non-float tensors are copied). Records each
+    name's entry in ``stats`` in run order; -> [(name, fused tensor)] in run order."""
+    floats = [(name, a, base, models) for name, (a, base, models) in run if a.is_floating_point()]
+    names = [f[0] for f in floats]
+    bases = [f[2] for f in floats]
+    m = [f[3][0] for f in floats]
+    fold_modes: list[list[str]] = [[] for _ in floats]
+    for i in range(1, len(srcs)):
+        m = [x.float() if x.dtype != torch.float32 else x for x in m]
+        m, infos = _slerp_run([1.0 / (i + 1)] * len(floats), m, [f[3][i] for f in floats], bases, task_vector,
+                              dot_threshold, eps, names)
+        for modes, info in zip(fold_modes, infos):
+            modes.append(info["mode"])
+    cores = []
+    for name, a, _, models in floats:
+        values, words = [], []
+        if layout is not None and name in layout.index:
+            for k, v in zip(srcs, models):
+                if v.dtype != a.dtype:
+                    if name not in stats["cast_cores"]:
+                        stats["cast_cores"].append(name)
+                    v = v.to(a.dtype)
+                values.append(v)
+                words.append(core_masks[k].tensor_words(name))
+        cores.append((values, words))
+    fused, infos = _slerp_run([schedule(n) for n in names], [f[1] for f in floats], m, bases, task_vector,
+                              dot_threshold, eps, names, cores, rule)
+    done = dict(zip(names, zip(fused, infos, fold_modes, cores)))
+    out = []
+    for name, (a, _, _) in run:
+        entry: dict[str, Any] = {"t": schedule(name), "numel": a.numel()}
+        stats["elements"] += a.numel()
+        stats["tensors"][name] = entry
+        if name not in done:
+            entry["mode"] = "copy_non_float"
+            stats["modes"]["copy_non_float"] = stats["modes"].get("copy_non_float", 0) + 1
+            out.append((name, a.clone()))
+            continue
+        tensor, info, folds, (_, words) = done[name]
+        entry.update(mode=info["mode"], angle_deg=info["angle_deg"], fold_modes=folds)
+        for mode in [info["mode"]] + [f"fold_{x}" for x in folds]:
+            stats["modes"][mode] = stats["modes"].get(mode, 0) + 1
+        if words:
+            seen = torch.zeros_like(words[0])
+            multi = torch.zeros_like(words[0])
+            for w in words:
+                multi |= seen & w
+                seen |= w
+            offs = torch.tensor([0, seen.numel()], dtype=torch.int64)
+            entry["transplanted"] = int(ops.mask_popcount(seen, offs)[0])
+            entry["overlapping"] = int(ops.mask_popcount(multi, offs)[0])
+            stats["transplanted"] += entry["transplanted"]
+            stats["overlapping"] += entry["overlapping"]
+        out.append((name, tensor))
+    return out
 
 
 def plot_fusion(stats: dict, path: str | os.PathLike) -> str:

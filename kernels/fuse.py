@@ -130,6 +130,25 @@ def slerp_apply(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor | None, c0:
     return out
 
 
+def slerp_stats_list(a: list[torch.Tensor], b: list[torch.Tensor], base: list[torch.Tensor | None]) -> torch.Tensor:
+    """Row t = slerp_stats(a[t], b[t], base[t]): the per-tensor launcher, pair by pair (the same bits)."""
+    device = a[0].device if len(a) else torch.device("cpu")
+    rows = [slerp_stats(x, y, z) for x, y, z in zip(a, b, base)]
+    return torch.stack(rows) if rows else torch.zeros(0, 3, dtype=torch.float64, device=device)
+
+
+def slerp_apply_list(a: list[torch.Tensor], b: list[torch.Tensor], base: list[torch.Tensor | None], coeffs: list[float],
+                     values: list[torch.Tensor], words: list[torch.Tensor], counts: list[int],
+                     rule: int) -> list[torch.Tensor]:
+    """out[t] = slerp_apply on tensor t with coeffs[3t:3t+3] and its counts[t] cores: the per-tensor
+    launcher, pair by pair (the same bits)."""
+    out, start = [], 0
+    for t, (x, y, z, c) in enumerate(zip(a, b, base, counts)):
+        out.append(slerp_apply(x, y, z, *coeffs[3 * t:3 * t + 3], values[start:start + c], words[start:start + c], rule))
+        start += c
+    return out
+
+
 def aot_specs():
     """Every specialization the launchers above can take (compiled by tools/triton_aot.py): a, b and
     base each float32, bfloat16 or float16 (read as raw int32 / int16), base present or not."""

@@ -141,6 +141,16 @@ def _fuse_apply(dtype):
     return [torch.ops.cpift.slerp_apply(a, b, base, 0.3, 0.5, 0.2, values, words, rule) for rule in (0, 2)]
 
 
+def _fuse_lists(dtype):
+    """Both list ops over tensors of several sizes (one work list over all of them)."""
+    a, b, base, values, words = _fuse_inputs(dtype)
+    cut = [a[:1], a[1:40], a[40:]], [b[:1], b[1:40], b[40:]], [None, base[1:40], base[40:]]
+    cores = [v[40:] for v in values], [ops.mask_pack(ops.mask_unpack(w, a.numel())[40:]) for w in words]
+    stats = torch.ops.cpift.slerp_stats_list(*cut)
+    outs = torch.ops.cpift.slerp_apply_list(*cut, [0.3, 0.5, 0.2] * 3, *cores, [0, 0, 2], 2)
+    return stats, outs
+
+
 def _mask():
     gen = torch.Generator().manual_seed(12)
     bits = torch.rand(4099, generator=gen) < 0.4
@@ -171,6 +181,8 @@ KERNELS = {
     "overlap-11": (lambda: _overlap(11), True),
     **{f"slerp_apply-{str(d)[6:]}": ((lambda d=d: _fuse_apply(d)), True) for d in (torch.float32, torch.bfloat16, torch.float16)},
     "slerp_stats-bfloat16": (lambda: torch.ops.cpift.slerp_stats(*_fuse_inputs(torch.bfloat16)[:3]), False),
+    **{f"slerp_apply_list-{str(d)[6:]}": ((lambda d=d: _fuse_lists(d)[1]), True) for d in (torch.float32, torch.bfloat16)},
+    "slerp_stats_list-bfloat16": (lambda: _fuse_lists(torch.bfloat16)[0], False),
     "mask": (_mask, True),
     "grad_sq_norm-bfloat16": (lambda: _grad_norm(torch.bfloat16), False),
 }

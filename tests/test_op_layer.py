@@ -16,7 +16,7 @@ HOMES = {
     "adamw": {"masked_adamw_", "masked_adamw_ema_", "masked_grad_sq_norm"},
     "select": {"select_histogram", "select_mask"},
     "overlap": {"overlap_counts"},
-    "fuse": {"slerp_stats", "slerp_apply"},
+    "fuse": {"slerp_stats", "slerp_apply", "slerp_stats_list", "slerp_apply_list"},
     "importance": {"importance_ema_"},
 }
 
@@ -59,6 +59,12 @@ SAMPLES = {
     "slerp_stats": lambda: (torch.randn(70), torch.randn(70), torch.randn(70)),
     "slerp_apply": lambda: (torch.randn(70), torch.randn(70), torch.randn(70), 0.5, 0.25, 0.25, [torch.randn(70)],
                             [_words(3, 9)], 2),
+    "slerp_stats_list": lambda: ([torch.randn(70), torch.randn(5).half()], [torch.randn(70), torch.randn(5).half()],
+                                 [torch.randn(70), None]),
+    "slerp_apply_list": lambda: ([torch.randn(70), torch.randn(40)], [torch.randn(70), torch.randn(40)],
+                                 [torch.randn(70), None], [0.5, 0.25, 0.25, 0.3, 0.7, 0.0],
+                                 [torch.randn(70), torch.randn(40), torch.randn(40)], [_words(3, 9), _words(2, 10),
+                                                                                        _words(2, 11)], [1, 2], 2),
     "importance_ema_": lambda: ([torch.zeros(70, dtype=torch.uint8)], [torch.rand(1)], [torch.randn(70)],
                                 [torch.randn(70)], 0.99, 0, 3, torch.tensor(2.0), None, [7]),
 }
@@ -80,6 +86,10 @@ BAD = {
     "overlap_counts": (lambda: ([_words(7, 0), _words(6, 0)],), "overlap_counts"),
     "slerp_stats": (lambda: (torch.randn(40), torch.randn(41), None), "slerp_stats"),
     "slerp_apply": (lambda: (torch.randn(40), torch.randn(40), None, 1.0, 0.0, 0.0, [], [], 3), "slerp_apply"),
+    "slerp_stats_list": (lambda: ([torch.randn(4), torch.randn(40)], [torch.randn(4), torch.randn(41)], [None, None]),
+                         "slerp_stats_list: a[1] has 40 elements (shape [40]), b[1] has 41 (shape [41])"),
+    "slerp_apply_list": (lambda: ([torch.randn(40)], [torch.randn(40)], [None], [1.0, 0.0, 0.0], [], [], [1], 0),
+                         "slerp_apply_list: counts sum to 1 cores but 0 value tensors"),
     "importance_ema_": (lambda: ([torch.zeros(70)], [], [torch.randn(70)], [torch.randn(69)], 0.9, 0, 0, None, None),
                         "importance_ema_: grads[0]"),
 }

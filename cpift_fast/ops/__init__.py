@@ -11,7 +11,7 @@ from .adamw import masked_adamw_, masked_adamw_ema_, masked_grad_sq_norm
 from .importance import importance_ema_
 from .select import SELECT_BINS, select_histogram, select_mask
 from .overlap import overlap_counts
-from .fuse import slerp_apply, slerp_stats
+from .fuse import slerp_apply, slerp_apply_list, slerp_stats, slerp_stats_list
 
 _ops.extension()  # every schema is defined: the C++ kernels can register now
 
@@ -19,5 +19,5 @@ __all__ = [
     "MASK_AND", "MASK_ANDNOT", "MASK_OR", "MASK_XOR", "mask_binary", "mask_pack", "mask_popcount", "mask_unpack",
     "masked_adamw_", "masked_adamw_ema_", "masked_grad_sq_norm",
     "SELECT_BINS", "select_histogram", "select_mask", "overlap_counts",
-    "slerp_apply", "slerp_stats", "importance_ema_",
+    "slerp_apply", "slerp_apply_list", "slerp_stats", "slerp_stats_list", "importance_ema_",
 ]
