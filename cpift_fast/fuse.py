@@ -75,7 +75,7 @@ import torch
 from . import ops
 from .io import GroupShardedWriter, ShardedWriter, TensorSource, honour_umask, open_tensors
 from .mask import ParamMask
-from .readahead import DEFAULT_BUDGET, ReadAhead, WriteBehind, check_budget
+from .readahead import DEFAULT_BUDGET, ReadAhead, WriteBehind, check_budget, runs
 from .shard import group_rank_world, on_rank0, tensor_shares
 
 OVERLAP_RULES = {"last": 0, "first": 1, "mean": 2}
@@ -375,7 +375,7 @@ def fuse_models(backbone: Any, tasks: Mapping[str, Any] | Sequence[Any],
             behind = WriteBehind(writer.add, lambda t: t.numel() * t.element_size(), readahead,
                                  describe=lambda n: f"fused tensor {n!r} to {writer.path}")
         ahead = ReadAhead(mine, inputs.prefetch, inputs.nbytes, readahead if streamed else 0, describe=inputs.describe)
-        for run in _runs(ahead):
+        for run in runs(ahead, lambda item: item[1][0].numel(), _RUN_ELEMENTS):
             fused = _fuse_run(run, srcs, core_masks, layout, schedule, task_vector, rule, dot_threshold, eps, stats)
             for name, tensor in fused:
                 if behind is not None:
@@ -492,23 +492,6 @@ class _Inputs:
 
     def describe(self, name: str) -> str:
         return f"tensor {name!r} of " + ", ".join(src.description for src in self._sources(name))
-
-
-def _runs(items: Iterator[tuple[str, tuple]]) -> Iterator[list[tuple[str, tuple]]]:
-    """Runs of consecutive names for one list-op call per pass: up to _RUN_ELEMENTS backbone
-    elements (a larger tensor alone). Hundreds of small tensors (norms, biases) then cost one
-    parallel region over all threads, not one region (and one thread) each. The run's inputs are
-    held while the read-ahead keeps reading the next names: peak memory grows by one run."""
-    run, elements = [], 0
-    for item in items:
-        n = item[1][0].numel()
-        if run and elements + n > _RUN_ELEMENTS:
-            yield run
-            run, elements = [], 0
-        run.append(item)
-        elements += n
-    if run:
-        yield run
 
 
 def _fuse_run(run, srcs, core_masks, layout, schedule, task_vector, rule, dot_threshold, eps, stats):

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from .io import parse_size
@@ -297,3 +297,20 @@ class WriteBehind:
     def __del__(self):
         if getattr(self, "_queue", None) is not None:
             self.close()
+
+
+def runs(items: Iterable, elements_of: Callable[[Any], int], limit: int) -> Iterator[list]:
+    """Consecutive items grouped for one list-op call each: up to `limit` elements per run (an item
+    larger than `limit` alone). Hundreds of small tensors (norms, biases) then cost one parallel
+    region over all threads, not one fixed cost (and one thread) each; a run's tensors are held while
+    the read-ahead goes on, so peak memory grows by one run."""
+    run, elements = [], 0
+    for item in items:
+        n = elements_of(item)
+        if run and elements + n > limit:
+            yield run
+            run, elements = [], 0
+        run.append(item)
+        elements += n
+    if run:
+        yield run

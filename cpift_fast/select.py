@@ -80,7 +80,7 @@ import torch
 from . import ops
 from .io import TensorSource, open_tensors
 from .mask import MaskLayout, ParamMask
-from .readahead import DEFAULT_BUDGET, ReadAhead, check_budget
+from .readahead import DEFAULT_BUDGET, ReadAhead, check_budget, runs
 from .shard import group_rank_world, tensor_shares
 
 log = logging.getLogger(__name__)
@@ -252,21 +252,9 @@ class _Pairs:
         return f"tensor {name!r} of base ({self.base.description}) and tuned ({self.tuned.description})"
 
 
-def _batches(pairs: Iterator[tuple[str, torch.Tensor, torch.Tensor]]) -> Iterator[list[tuple[str, torch.Tensor, torch.Tensor]]]:
-    """Runs of consecutive pairs for one list-op call: up to _BATCH_ELEMENTS elements (a larger
-    pair alone). One call per run instead of per pair: hundreds of small tensors (norms, biases)
-    then cost one parallel region over all threads, not one fixed cost (and one thread) each; on a
-    loaded machine every parallel region can wait a scheduler slice for a descheduled thread."""
-    batch, elements = [], 0
-    for pair in pairs:
-        n = pair[1].numel()
-        if batch and elements + n > _BATCH_ELEMENTS:
-            yield batch
-            batch, elements = [], 0
-        batch.append(pair)
-        elements += n
-    if batch:
-        yield batch
+def _batches(pairs: Iterator[tuple[str, torch.Tensor, torch.Tensor]]) -> Iterator[list]:
+    """Runs of consecutive (name, base, tuned) pairs, up to _BATCH_ELEMENTS elements each."""
+    return runs(pairs, lambda pair: pair[1].numel(), _BATCH_ELEMENTS)
 
 
 def _store(words: torch.Tensor, offset: int, w: torch.Tensor) -> None:

@@ -235,17 +235,8 @@ void stats_chunk(const Triple& p, int64_t start, int64_t len, float* u, float* v
       v[i] -= w[i];
     }
   }
-  double fuv = 0, fuu = 0, fvv = 0;  // fp32 x fp32 is exact in fp64
-#pragma omp simd reduction(+ : fuv, fuu, fvv)
-  for (int64_t i = 0; i < len; ++i) {
-    const double x = u[i], y = v[i];
-    fuv += x * y;
-    fuu += x * x;
-    fvv += y * y;
-  }
-  out[0] = fuv;
-  out[1] = fuu;
-  out[2] = fvv;
+  out[0] = out[1] = out[2] = 0;
+  dot3_f32(u, v, nullptr, len, out);
 }
 
 // float64 [T, 3]: row t = (Σ u·v, Σ u², Σ v²) of p[t]; chunk sums combined in chunk order (see top).
