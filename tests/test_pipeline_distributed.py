@@ -63,6 +63,15 @@ def _launch(launcher: str, cfg: dict, runs: str, tmp_path) -> subprocess.Complet
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _why(proc: subprocess.CompletedProcess) -> str:
+    """A failed launch's story: the ranks' own messages (an abort's reason comes before the
+    launcher's long summary, which alone would fill a tail), then the tail of stderr."""
+    marks = ("rror", "terminate", "bort", "Fatal", "what()", "Traceback", "Signal")
+    own = [line for line in proc.stderr.splitlines() if any(m in line for m in marks)]
+    return "\n".join(["stdout tail:", proc.stdout[-1500:], "stderr lines of note:", *own[:80],
+                      "stderr tail:", proc.stderr[-4000:]])
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The 1-process run, two micro-batches per step (micro_batch_size = batch_size / 2)."""
@@ -96,7 +105,7 @@ def test_two_processes_equal_one_bit_for_bit(reference, tmp_path, strategy, laun
     cfg["train"]["gradient_checkpointing"] = strategy == "fsdp"  # recomputed activations: the same bits
     runs = str(tmp_path / "runs")
     proc = _launch(launcher, cfg, runs, tmp_path)
-    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-6000:])
+    assert proc.returncode == 0, _why(proc)
     root = os.path.join(runs, "dist")
 
     got, want = stage_digests(root), stage_digests(reference)
