@@ -95,26 +95,32 @@ struct Job {
   EmaStep ema;  // ema.consts null: no EMA
 };
 
-// kLanes elements, keeping those whose bit in `keep` is set.
+// kStep = two vectors of elements, keeping those whose bit in `keep` is set (bit j: element j). Two at
+// a time so that narrowing stores pack both halves into one (Lanes<T>::store2).
+constexpr int kStep = 2 * kLanes;
+static_assert(32 % kStep == 0, "a mask word must hold whole steps");
+
 template <typename P, typename S, bool AMSGRAD>
-inline void step_vector(P* p, const P* g, S* m, S* v, S* vmax, uint32_t keep, const AdamWConsts& c) {
-  Vec pk = Lanes<P>::load(p), mk = Lanes<S>::load(m), vk = Lanes<S>::load(v);
-  Vec vm = AMSGRAD ? Lanes<S>::load(vmax) : vk;
-  adamw_vec<AMSGRAD>(pk, Lanes<P>::load(g), mk, vk, vm, c);
-  Lanes<P>::store(p, pk, keep);
-  Lanes<S>::store(m, mk, keep);
-  Lanes<S>::store(v, vk, keep);
-  if constexpr (AMSGRAD) Lanes<S>::store(vmax, vm, keep);
+inline void step_vectors(P* p, const P* g, S* m, S* v, S* vmax, uint32_t keep, const AdamWConsts& c) {
+  Vec p0 = Lanes<P>::load(p), m0 = Lanes<S>::load(m), v0 = Lanes<S>::load(v);
+  Vec p1 = Lanes<P>::load(p + kLanes), m1 = Lanes<S>::load(m + kLanes), v1 = Lanes<S>::load(v + kLanes);
+  Vec vm0 = AMSGRAD ? Lanes<S>::load(vmax) : v0, vm1 = AMSGRAD ? Lanes<S>::load(vmax + kLanes) : v1;
+  adamw_vec<AMSGRAD>(p0, Lanes<P>::load(g), m0, v0, vm0, c);
+  adamw_vec<AMSGRAD>(p1, Lanes<P>::load(g + kLanes), m1, v1, vm1, c);
+  Lanes<P>::store2(p, p0, p1, keep);
+  Lanes<S>::store2(m, m0, m1, keep);
+  Lanes<S>::store2(v, v0, v1, keep);
+  if constexpr (AMSGRAD) Lanes<S>::store2(vmax, vm0, vm1, keep);
 }
 
 // Elements [i, i + len) of one tensor, len <= 32, keeping those whose bit in `frozen` is set.
 template <typename P, typename S, bool AMSGRAD>
 inline void step_word(P* p, const P* g, S* m, S* v, S* vmax, uint32_t frozen, int len, const AdamWConsts& c) {
   if (len == 32) {
-    for (int k = 0; k < 32; k += kLanes) {
-      const uint32_t keep = static_cast<uint32_t>((static_cast<uint64_t>(frozen) >> k) & ((1ull << kLanes) - 1));
-      if (keep != (1ull << kLanes) - 1)
-        step_vector<P, S, AMSGRAD>(p + k, g + k, m + k, v + k, AMSGRAD ? vmax + k : nullptr, keep, c);
+    for (int k = 0; k < 32; k += kStep) {
+      const uint32_t keep = static_cast<uint32_t>((static_cast<uint64_t>(frozen) >> k) & ((1ull << kStep) - 1));
+      if (keep != (1ull << kStep) - 1)
+        step_vectors<P, S, AMSGRAD>(p + k, g + k, m + k, v + k, AMSGRAD ? vmax + k : nullptr, keep, c);
     }
     return;
   }
@@ -140,6 +146,7 @@ void step_range(const Job& job, int64_t begin, int64_t end) {
   S* m = static_cast<S*>(job.m);
   S* v = static_cast<S*>(job.v);
   S* vmax = static_cast<S*>(job.vmax);
+  const AdamWConsts c = job.c;  // a local: the compiler keeps it in registers across the stores
   for (int64_t b = begin; b < end; b += ema::kQBlock) {
     const int64_t b_end = std::min(end, b + ema::kQBlock);
     if (job.ema.consts != nullptr)
@@ -147,15 +154,15 @@ void step_range(const Job& job, int64_t begin, int64_t end) {
     uint32_t any_frozen = 0;
     for (int64_t w = b / 32; job.frozen && w < (b_end + 31) / 32; ++w) any_frozen |= as_u32(job.frozen[w]);
     if (any_frozen == 0 && b_end - b == ema::kQBlock) {  // a whole block to update: no per-word tests
-      for (int64_t i = b; i < b_end; i += kLanes)
-        step_vector<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, AMSGRAD ? vmax + i : nullptr, 0u, job.c);
+      for (int64_t i = b; i < b_end; i += kStep)
+        step_vectors<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, AMSGRAD ? vmax + i : nullptr, 0u, c);
       continue;
     }
     for (int64_t i = b; i < b_end; i += 32) {
       const uint32_t frozen = job.frozen ? as_u32(job.frozen[i / 32]) : 0u;
       if (frozen == 0xFFFFFFFFu) continue;
       step_word<P, S, AMSGRAD>(p + i, g + i, m + i, v + i, AMSGRAD ? vmax + i : nullptr, frozen,
-                               static_cast<int>(std::min<int64_t>(32, job.n - i)), job.c);
+                               static_cast<int>(std::min<int64_t>(32, job.n - i)), c);
     }
   }
 }

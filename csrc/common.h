@@ -90,8 +90,9 @@ template <> inline c10::BFloat16 narrow<c10::BFloat16>(float x) {
 template <> inline c10::Half narrow<c10::Half>(float x) { return c10::Half(f32_to_f16_bits(x), c10::Half::from_bits()); }
 
 // ---- kLanes values of a storage type <-> one Vectorized<float> (this capability's width) ----------
-// Lanes<T>::load widens kLanes values; Lanes<T>::store narrows and writes them, except the lanes whose
-// bit in `keep` is set: those keep their bits in memory (AVX-512: a masked store; elsewhere the old
+// Lanes<T>::load widens kLanes values. Lanes<T>::store2 narrows two vectors (2 * kLanes values, so a
+// narrowing store packs both halves at once) and writes them, except the values whose bit in `keep`
+// is set (bit j: value j): those keep their bits in memory (AVX-512: a masked store; elsewhere the old
 // values are blended back in, at the storage width, so even a NaN payload survives). Both are
 // bit-identical to widen / narrow above.
 using Vec = at::vec::Vectorized<float>;
@@ -119,33 +120,45 @@ inline __m256i f32x16_to_f16(__m512 x) {
   return _mm256_mask_mov_epi16(h, nan, canon);
 }
 
+// 32 16-bit values, all but those whose bit in `keep` is set.
+inline void store16x32(void* p, __m256i lo, __m256i hi, uint32_t keep) {
+  _mm512_mask_storeu_epi16(p, static_cast<__mmask32>(~keep), _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+}
+
 template <> struct Lanes<float> {
   static Vec load(const float* p) { return Vec::loadu(p); }
-  static void store(float* p, const Vec& x, uint32_t keep) { _mm512_mask_storeu_ps(p, static_cast<__mmask16>(~keep), x); }
+  static void store2(float* p, const Vec& x0, const Vec& x1, uint32_t keep) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>(~keep), x0);
+    _mm512_mask_storeu_ps(p + 16, static_cast<__mmask16>(~keep >> 16), x1);
+  }
 };
 
 template <> struct Lanes<c10::BFloat16> {
   static Vec load(const c10::BFloat16* p) { return bf16x16_to_f32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static void store(c10::BFloat16* p, const Vec& x, uint32_t keep) {
-    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>(~keep), f32x16_to_bf16(x));
+  static void store2(c10::BFloat16* p, const Vec& x0, const Vec& x1, uint32_t keep) {
+    store16x32(p, f32x16_to_bf16(x0), f32x16_to_bf16(x1), keep);
   }
 };
 
 template <> struct Lanes<c10::Half> {
   static Vec load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-  static void store(c10::Half* p, const Vec& x, uint32_t keep) {
-    _mm256_mask_storeu_epi16(p, static_cast<__mmask16>(~keep), f32x16_to_f16(x));
+  static void store2(c10::Half* p, const Vec& x0, const Vec& x1, uint32_t keep) {
+    store16x32(p, f32x16_to_f16(x0), f32x16_to_f16(x1), keep);
   }
 };
 
 #elif defined(CPU_CAPABILITY_AVX2)
-inline __m128i f32x8_to_bf16(__m256 x) {
+// bf16 bits of 8 floats, rounded to nearest even, in the low half of each 32-bit lane.
+inline __m256i f32x8_to_bf16_in_32(__m256 x) {
   const __m256i bits = _mm256_castps_si256(x);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
-  // 32-bit lanes (< 2^16) to 16-bit: packus works per 128-bit half, the permute joins the halves
-  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q)));
+}
+
+// 16 floats to bf16: packus works per 128-bit half, the permute puts the halves in order.
+inline __m256i f32x16_to_bf16(__m256 lo, __m256 hi) {
+  return _mm256_permute4x64_epi64(_mm256_packus_epi32(f32x8_to_bf16_in_32(lo), f32x8_to_bf16_in_32(hi)), 0xD8);
 }
 
 inline __m128i f32x8_to_f16(__m256 x) {
@@ -156,26 +169,29 @@ inline __m128i f32x8_to_f16(__m256 x) {
   return _mm_blendv_epi8(h, canon, nan);
 }
 
-// All-ones lanes where bit j of `bits` is set.
+// All-ones 32-bit lanes where bit j of `bits` is set (j < 8).
 inline __m256 keep32(uint32_t bits) {
   const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
   return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), sel), sel));
 }
 
-inline __m128i keep16(uint32_t bits) {
-  const __m128i sel = _mm_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128);
-  return _mm_cmpeq_epi16(_mm_and_si128(_mm_set1_epi16(static_cast<short>(bits)), sel), sel);
+// All-ones 16-bit lanes where bit j of `bits` is set (j < 16).
+inline __m256i keep16(uint32_t bits) {
+  const __m256i sel = _mm256_setr_epi16(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
+                                        static_cast<short>(0x8000));
+  return _mm256_cmpeq_epi16(_mm256_and_si256(_mm256_set1_epi16(static_cast<short>(bits)), sel), sel);
 }
 
-inline void store16(void* p, __m128i h, uint32_t keep) {
-  __m128i* q = static_cast<__m128i*>(p);
-  _mm_storeu_si128(q, keep ? _mm_blendv_epi8(h, _mm_loadu_si128(q), keep16(keep)) : h);
+inline void store16x16(void* p, __m256i h, uint32_t keep) {
+  __m256i* q = static_cast<__m256i*>(p);
+  _mm256_storeu_si256(q, keep ? _mm256_blendv_epi8(h, _mm256_loadu_si256(q), keep16(keep)) : h);
 }
 
 template <> struct Lanes<float> {
   static Vec load(const float* p) { return Vec::loadu(p); }
-  static void store(float* p, const Vec& x, uint32_t keep) {
-    _mm256_storeu_ps(p, keep ? _mm256_blendv_ps(x, _mm256_loadu_ps(p), keep32(keep)) : __m256(x));
+  static void store2(float* p, const Vec& x0, const Vec& x1, uint32_t keep) {
+    _mm256_storeu_ps(p, keep & 0xFFu ? _mm256_blendv_ps(x0, _mm256_loadu_ps(p), keep32(keep)) : __m256(x0));
+    _mm256_storeu_ps(p + 8, keep >> 8 ? _mm256_blendv_ps(x1, _mm256_loadu_ps(p + 8), keep32(keep >> 8)) : __m256(x1));
   }
 };
 
@@ -184,12 +200,16 @@ template <> struct Lanes<c10::BFloat16> {
     const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
   }
-  static void store(c10::BFloat16* p, const Vec& x, uint32_t keep) { store16(p, f32x8_to_bf16(x), keep); }
+  static void store2(c10::BFloat16* p, const Vec& x0, const Vec& x1, uint32_t keep) {
+    store16x16(p, f32x16_to_bf16(x0, x1), keep);
+  }
 };
 
 template <> struct Lanes<c10::Half> {
   static Vec load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
-  static void store(c10::Half* p, const Vec& x, uint32_t keep) { store16(p, f32x8_to_f16(x), keep); }
+  static void store2(c10::Half* p, const Vec& x0, const Vec& x1, uint32_t keep) {
+    store16x16(p, _mm256_set_m128i(f32x8_to_f16(x1), f32x8_to_f16(x0)), keep);
+  }
 };
 
 #else  // DEFAULT: lane by lane
@@ -199,10 +219,11 @@ template <typename T> struct Lanes {
     for (int j = 0; j < kLanes; ++j) x[j] = widen<T>(p[j]);
     return Vec::loadu(x);
   }
-  static void store(T* p, const Vec& v, uint32_t keep) {
-    float x[kLanes];
-    v.store(x);
-    for (int j = 0; j < kLanes; ++j)
+  static void store2(T* p, const Vec& v0, const Vec& v1, uint32_t keep) {
+    float x[2 * kLanes];
+    v0.store(x);
+    v1.store(x + kLanes);
+    for (int j = 0; j < 2 * kLanes; ++j)
       if (!((keep >> j) & 1u)) p[j] = narrow<T>(x[j]);
   }
 };

@@ -108,6 +108,34 @@ def test_cpp_matches_reference_at_every_cpu_capability(cpu_capability, dtype, st
             torch.testing.assert_close(a.float(), b.float(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=lambda d: str(d)[6:])
+def test_frozen_bits_survive_in_mixed_vectors_at_every_cpu_capability(cpu_capability, dtype):
+    """Frozen elements interleaved with trainable ones (every vector mixed) keep their exact bits,
+    NaN payloads and signalling NaNs included: the vector stores blend the old storage bits back in
+    (or mask the store), never a widened-and-narrowed copy."""
+    bits = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[dtype]
+    nans = {torch.float32: [0x7F800001, 0x7FC00123, -0x3FFFF], torch.bfloat16: [0x7F81, 0x7FC3, -0x3F],
+            torch.float16: [0x7C01, 0x7E05, -0x1FF]}[dtype]
+    n = 32 * 9 + 5
+    gen = torch.Generator().manual_seed(4)
+    p = torch.randn(n, generator=gen).to(dtype)
+    frozen = torch.arange(n) % 3 == 1
+    frozen[64:96] = True  # one whole frozen word among the mixed ones
+    payload = torch.tensor(nans, dtype=bits).repeat(n // len(nans) + 1)[:n]
+    p.view(bits)[frozen] = payload[frozen]
+    moments = [torch.randn(n, generator=gen).to(dtype).abs() for _ in range(3)]
+    for m in moments:
+        m.view(bits)[frozen] = payload.flip(0)[frozen]
+    before = [t.clone() for t in (p, *moments)]
+    grads = [torch.randn(n, generator=gen).to(dtype)]
+    torch.ops.cpift.masked_adamw_([p], grads, [moments[0]], [moments[1]], [moments[2]], [ops.mask_pack(frozen)],
+                                  torch.tensor([3.0]), torch.tensor(1e-2, dtype=torch.float64), 0.9, 0.99, 0.1,
+                                  1e-8, True, False, None, None)
+    for name, old, new in zip(("param", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), before, (p, *moments)):
+        assert torch.equal(new.view(bits)[frozen], old.view(bits)[frozen]), f"{name}: a frozen element's bits changed"
+        assert not torch.equal(new.view(bits)[~frozen], old.view(bits)[~frozen]), f"{name}: nothing trainable moved"
+
+
 @pytest.mark.parametrize("backend_name", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_backends_agree_in_low_precision(monkeypatch, backend_name, dtype):
