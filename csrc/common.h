@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 #endif
@@ -219,12 +220,22 @@ template <typename T> struct Lanes {
     for (int j = 0; j < kLanes; ++j) x[j] = widen<T>(p[j]);
     return Vec::loadu(x);
   }
+  // Branch-free, as the AVX2 blend: a kept value is written back with its own bits (a branch per
+  // value mispredicts on a random mask).
   static void store2(T* p, const Vec& v0, const Vec& v1, uint32_t keep) {
+    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
     float x[2 * kLanes];
     v0.store(x);
     v1.store(x + kLanes);
-    for (int j = 0; j < 2 * kLanes; ++j)
-      if (!((keep >> j) & 1u)) p[j] = narrow<T>(x[j]);
+    for (int j = 0; j < 2 * kLanes; ++j) {
+      const T fresh = narrow<T>(x[j]);
+      Bits old_bits, new_bits;
+      std::memcpy(&old_bits, p + j, sizeof(Bits));
+      std::memcpy(&new_bits, &fresh, sizeof(Bits));
+      const Bits kept = static_cast<Bits>(0u - ((keep >> j) & 1u));
+      const Bits out = static_cast<Bits>((old_bits & kept) | (new_bits & ~kept));
+      std::memcpy(p + j, &out, sizeof(Bits));
+    }
   }
 };
 #endif
