@@ -8,7 +8,7 @@
 // sqrt), computed in fp32 whatever the storage dtype (bf16/fp16 widened, rounded once on store), on
 // ATen's Vectorized<float> of the capability this file is compiled for (dispatch.h). Frozen elements
 // are never modified: a vector of frozen lanes is skipped entirely (no loads, no stores); in a mixed
-// one only the trainable lanes are written (common.h, Lanes<T>::store).
+// one only the trainable lanes are written (common.h, Lanes<T>::store2).
 //
 // All tensors of a call are one work list of chunks over their elements, run by one at::parallel_for:
 // many small tensors keep every core busy as one large tensor does.
