@@ -206,6 +206,10 @@ class _Pairs:
         self.base, self.tuned, self.device = base, tuned, device
         self.readahead = readahead if (base.is_streamed or tuned.is_streamed) else 0
         self._cached: tuple[str, torch.Tensor, torch.Tensor] | None = None
+        # Pairs the caller holds in memory, used as they are (kernel dtype, on `device`): the caller's
+        # own tensors, no copies, so they are kept for the later passes at no memory cost.
+        self._as_given: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._in_memory = not (base.is_streamed or tuned.is_streamed)
 
     def _read(self, name: str, ahead: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The pair on the CPU (or where the sources hold it) in a kernel dtype; `ahead`: start the
@@ -224,10 +228,18 @@ class _Pairs:
         return self.base.nbytes(name) + self.tuned.nbytes(name) + extra
 
     def get(self, name: str, keep: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self._as_given.get(name)
+        if pair is not None:
+            return pair
         if self._cached is not None and self._cached[0] == name:
             return self._cached[1], self._cached[2]
         self._cached = None
         a, b = self._read(name)
+        if self._in_memory:
+            pair = a.to(self.device), b.to(self.device)
+            if pair[0] is a and pair[1] is b and self.base.dtype(name) in _FAST_DTYPES:  # not a converted copy
+                self._as_given[name] = pair
+                return pair
         return self.hold(name, a, b) if keep else (a.to(self.device), b.to(self.device))
 
     def hold(self, name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,22 +269,26 @@ def _batches(pairs: Iterator[tuple[str, torch.Tensor, torch.Tensor]]) -> Iterato
     return runs(pairs, lambda pair: pair[1].numel(), _BATCH_ELEMENTS)
 
 
-def _store(words: torch.Tensor, offset: int, w: torch.Tensor) -> None:
-    """words[offset:offset + len(w)] = w; on CPU through numpy (a plain memcpy: a torch copy of a
-    large slice would open a parallel region per tensor)."""
-    if words.device.type == "cpu" and w.device.type == "cpu":
-        words.numpy()[offset:offset + w.numel()] = w.numpy()
-    else:
-        words[offset:offset + w.numel()] = w.to(words.device)
+def _store(words: torch.Tensor, pieces: list[tuple[int, int]], w: torch.Tensor) -> None:
+    """Copies select_mask's words `w` into `words`: `pieces` holds (offset in `words`, word count) per
+    tensor of the call, in the order of `w`. Tensors adjacent in `words` are copied as one slice; on
+    CPU through numpy (a plain memcpy: a torch copy of a large slice would open a parallel region)."""
+    cpu = words.device.type == "cpu" and w.device.type == "cpu"
+    dst, src = (words.numpy(), w.numpy()) if cpu else (words, w.to(words.device))
+    start = 0
+    run_offset, run_words = None, 0
+    for offset, nwords in [*pieces, (None, 0)]:
+        if run_offset is not None and offset == run_offset + run_words:
+            run_words += nwords
+            continue
+        if run_offset is not None:
+            dst[run_offset:run_offset + run_words] = src[start:start + run_words]
+            start += run_words
+        run_offset, run_words = offset, nwords
 
 
 def _count_per_tensor(words: torch.Tensor, layout: MaskLayout) -> torch.Tensor:
     """Bits set per tensor (int64[T])."""
-    if words.device.type == "cpu" and hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        w = words.numpy().view(np.uint32)
-        bounds = layout.offsets
-        return torch.tensor([int(np.bitwise_count(w[a:b]).sum(dtype=np.int64)) for a, b in zip(bounds[:-1], bounds[1:])],
-                            dtype=torch.int64)
     return ops.mask_popcount(words, layout.offsets_tensor(words.device)).cpu()
 
 
@@ -462,11 +478,8 @@ def _select_group(gname: str, names: list[str], offsets: list[int], pairs: _Pair
         for batch in _batches(pairs.stream(reach, keep=single)):
             w, n_eq = ops.select_mask([a for _, a, _ in batch], [b for _, _, b in batch], threshold,
                                       0 if distributed_ties else left)
-            start = 0
-            for (name, a, _), eq in zip(batch, n_eq.tolist()):
-                nwords = (a.numel() + 31) // 32
-                _store(words, offset_of[name], w[start:start + nwords])
-                start += nwords
+            _store(words, [(offset_of[name], (a.numel() + 31) // 32) for name, a, _ in batch], w)
+            for (name, _, _), eq in zip(batch, n_eq.tolist()):
                 ties[name] = eq
                 left -= min(left, eq)
             bar.update(len(batch))
@@ -498,7 +511,7 @@ def _distribute_ties(names, offsets, pairs: _Pairs, words, threshold, budget, co
             if r == rank and take:
                 a, b = pairs.get(name)
                 w, _ = ops.select_mask([a], [b], threshold, take)
-                _store(words, off, w)
+                _store(words, [(off, w.numel())], w)
 
 
 # ---------------------------------------------------------------------------------------------

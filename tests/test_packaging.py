@@ -9,7 +9,7 @@
   (its records in ./cpift-bench). Two processes importing at once compile once.
 
 Needs the `build` package (the [dev] extra) and pip access to torch (this machine has a local file
-of the running torch's version) and to cpift_fast's dependencies. About 8 minutes on 2 cores.
+of the running torch's version) and to cpift_fast's dependencies. About 5 minutes on 2 cores.
 """
 
 from __future__ import annotations

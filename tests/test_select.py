@@ -321,6 +321,21 @@ def test_other_dtypes_are_compared_in_fp32():
     assert mask.to_bool()["i"].tolist() == [False, False, True]
 
 
+def test_in_memory_pairs_are_reused_across_passes_only_when_uncopied():
+    """The passes reuse the caller's own tensors (no copies held); a pair that needs a conversion
+    (float64 -> fp32) is converted again per pass, never kept."""
+    from cpift_fast.select import _Pairs
+
+    base = {"b": torch.randn(40).bfloat16(), "d": torch.randn(40, dtype=torch.float64)}
+    tuned = {n: t + 1 for n, t in base.items()}
+    pairs = _Pairs(io.open_tensors(base, "base"), io.open_tensors(tuned, "tuned"), torch.device("cpu"), 0)
+    a, b = pairs.get("b")
+    assert a.data_ptr() == base["b"].data_ptr() and b.data_ptr() == tuned["b"].data_ptr()
+    assert pairs.get("b")[0] is a, "an uncopied pair is looked up again, not re-read"
+    d1, d2 = pairs.get("d")[0], pairs.get("d")[0]
+    assert d1.dtype == torch.float32 and d1 is not d2 and "d" not in pairs._as_given
+
+
 def test_cli_core(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from cpift_fast.cli import main
