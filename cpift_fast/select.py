@@ -235,12 +235,12 @@ class _Pairs:
             return self._cached[1], self._cached[2]
         self._cached = None
         a, b = self._read(name)
-        if self._in_memory:
-            pair = a.to(self.device), b.to(self.device)
-            if pair[0] is a and pair[1] is b and self.base.dtype(name) in _FAST_DTYPES:  # not a converted copy
-                self._as_given[name] = pair
-                return pair
-        return self.hold(name, a, b) if keep else (a.to(self.device), b.to(self.device))
+        pair = a.to(self.device), b.to(self.device)
+        if self._in_memory and pair[0] is a and pair[1] is b and self.base.dtype(name) in _FAST_DTYPES:
+            self._as_given[name] = pair  # the caller's own tensors: neither converted nor moved
+        elif keep:
+            self._cached = (name, *pair)
+        return pair
 
     def hold(self, name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keep this pair (on `device`) for the next get(name)."""
