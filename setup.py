@@ -24,10 +24,10 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).resolve().parent
-# cpift_fast and every subpackage found under it; kernels/ and csrc/ live beside it in the checkout.
-PACKAGES = find_packages(where=str(HERE), include=["cpift_fast", "cpift_fast.*"]) + ["cpift_fast.kernels",
-                                                                                       "cpift_fast.csrc"]
-PACKAGE_DIR = {"cpift_fast.kernels": "kernels", "cpift_fast.csrc": "csrc"}
+# cpift_fast and every subpackage under it (the Triton kernels among them: cpift_fast/kernels/); the C++
+# sources live beside it in csrc/ and install as data of cpift_fast.csrc.
+PACKAGES = find_packages(where=str(HERE), include=["cpift_fast", "cpift_fast.*"]) + ["cpift_fast.csrc"]
+PACKAGE_DIR = {"cpift_fast.csrc": "csrc"}
 # The C++ sources travel with the package: the JIT build at first import compiles them.
 PACKAGE_DATA = {"cpift_fast.csrc": ["*.cpp", "*.h", "*.cuh", "cuda/*.cu", "cuda/*.cuh", "cuda/*.h"]}
 

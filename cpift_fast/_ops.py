@@ -70,7 +70,7 @@ def has_kernel(qualname: str, dispatch_key: str) -> bool:
 
 
 class Op:
-    """One op: schema, check, fake, reference, and the Triton launcher ``kernels/<module>.py:<name>``.
+    """One op: schema, check, fake, reference, and the Triton launcher ``cpift_fast/kernels/<module>.py:<name>``.
 
     ``device_of(*args)`` picks the device that chooses the backend (default: the first tensor
     argument, or the first tensor of the first list argument).

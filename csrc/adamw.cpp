@@ -47,7 +47,7 @@ struct AdamWConsts {
 //   m = fma(c, g - m, base)                       (exp_avg.lerp_(g, 1 - beta1))
 //   v = fma((1 - beta2) * g, g, v * beta2);       vm = amsgrad ? max(vmax, v) : v
 //   p = p - (step_size * m) / (sqrt(vm) / bc2_sqrt + eps)
-// The Triton kernel (kernels/adamw.py) writes the same operations in the same order.
+// The Triton kernel (cpift_fast/kernels/adamw.py) writes the same operations in the same order.
 struct Moments {
   float p, m, v, vm;
 };

@@ -33,7 +33,7 @@ inline void check_words(const at::Tensor& words, const char* name) {
 // ---- fp32 <-> bf16 / fp16, written once for every C++ kernel ------------------------------------
 // Narrowing rounds to nearest, ties to even, with integer bit operations only (no FPU rounding mode,
 // no compiler choice): the same bits as c10::BFloat16 / c10::Half, torch's casts, the hardware
-// converters and the Triton kernels' helper (kernels/_common.py). NaN becomes a canonical quiet NaN:
+// converters and the Triton kernels' helper (cpift_fast/kernels/_common.py). NaN becomes a canonical quiet NaN:
 // bf16 0x7FC0 (sign dropped, as c10::BFloat16), fp16 sign|0x7E00 (as c10::Half). Widening is exact.
 
 inline uint32_t f32_bits(float f) {

@@ -1,6 +1,6 @@
 """The AOT compile gate: every Triton kernel specialization compiles for sm_80 and sm_90 (no GPU needed),
 without spills, with the PTX properties bit-exactness and speed depend on; the tests launch nothing
-the gate did not compile; the committed report (kernels/COMPILE_REPORT.md, compile_report.json) is
+the gate did not compile; the committed report (cpift_fast/kernels/COMPILE_REPORT.md, compile_report.json) is
 current.
 
 The gate runs tools/triton_aot.py in a subprocess: kernels must be defined as JIT functions there,
@@ -69,7 +69,7 @@ def test_no_approximate_division(gate):
 def test_no_fma_contraction_unless_written(gate):
     """Kernels compile with enable_fp_fusion=False: an FMA in the PTX must come from a tl.fma in the source."""
     written = {m for m in ("mask", "select", "overlap", "fuse", "adamw")
-               if "tl.fma(" in (ROOT / "kernels" / f"{m}.py").read_text()}
+               if "tl.fma(" in (ROOT / "cpift_fast" / "kernels" / f"{m}.py").read_text()}
     bad = [f"{r['key']} {r['target']}: {r['fma']} fma" for r in _ok(gate)
            if r["fma"] and r["key"].split(".")[0] not in written]
     assert not bad, "\n".join(bad)
@@ -109,8 +109,8 @@ def test_tensor_address_offsets_are_64_bit(gate):
 
 
 def test_committed_report_is_current(gate):
-    fix = "run `python tools/triton_aot.py --write-report` and commit kernels/COMPILE_REPORT.md, compile_report.json"
-    path = ROOT / "kernels" / "compile_report.json"
+    fix = "run `python tools/triton_aot.py --write-report` and commit cpift_fast/kernels/COMPILE_REPORT.md, compile_report.json"
+    path = ROOT / "cpift_fast" / "kernels" / "compile_report.json"
     assert path.exists(), fix
     committed = {(r["key"], r["target"]): r for r in json.loads(path.read_text())["results"]}
     fresh = {(r["key"], r["target"]): r for r in gate["results"]}
@@ -119,7 +119,7 @@ def test_committed_report_is_current(gate):
         c = committed[k]
         for field in ("ok", "registers", "spill_stores", "spill_loads", "shared"):
             assert c.get(field) == r.get(field), f"{k} {field}: report {c.get(field)}, now {r.get(field)}: {fix}"
-    md = (ROOT / "kernels" / "COMPILE_REPORT.md").read_text()
+    md = (ROOT / "cpift_fast" / "kernels" / "COMPILE_REPORT.md").read_text()
     assert f"specializations x targets: {len(fresh)}" in md, fix
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """AOT compile gate: every Triton kernel specialization, compiled for sm_80 and sm_90 with no GPU.
 
-Each kernel module kernels/<op>.py declares ``aot_specs()``: every specialization its launchers can
+Each kernel module cpift_fast/kernels/<op>.py declares ``aot_specs()``: every specialization its launchers can
 take (pointer dtypes, constexprs: block sizes, libdevice switches, dtypes). This tool compiles each
 one with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` — the Triton wheel
 ships ptxas, so no GPU or CUDA toolkit is needed — with the launch options every kernel uses
@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_DIR = ROOT / "kernels"
+KERNEL_DIR = ROOT / "cpift_fast" / "kernels"
 MODULES = ("mask", "select", "overlap", "fuse", "adamw", "importance")
 TARGETS = (80, 90)
 OPTIONS = {"enable_fp_fusion": False}
@@ -124,7 +124,7 @@ def launch_key(fn, args: tuple, kwargs: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def load_modules() -> dict:
-    """The kernel modules, imported from kernels/ under a private package name."""
+    """The kernel modules, imported from cpift_fast/kernels/ under a private package name."""
     if _PACKAGE not in sys.modules:
         spec = importlib.util.spec_from_file_location(_PACKAGE, KERNEL_DIR / "__init__.py",
                                                       submodule_search_locations=[str(KERNEL_DIR)])
@@ -151,7 +151,7 @@ def all_specs(modules: dict) -> list[tuple[str, int, object]]:
 
 
 def _source_hash(module: str) -> str:
-    """Hash of what a module's compiled code depends on: its source, kernels/_common.py, this tool, triton."""
+    """Hash of what a module's compiled code depends on: its source, _common.py, this tool, triton."""
     import triton
 
     h = hashlib.sha256(triton.__version__.encode())
@@ -326,8 +326,8 @@ def write_report(gate: dict) -> None:
         "# Triton AOT compile report",
         "",
         "Written by `python tools/triton_aot.py --write-report` (tests/test_compile_gate.py checks it is "
-        "current). Every specialization declared by `aot_specs()` in kernels/*.py, compiled without a GPU "
-        f"for sm_80 and sm_90 (triton {triton.__version__}, its bundled ptxas; `enable_fp_fusion=False`, "
+        "current). Every specialization declared by `aot_specs()` in cpift_fast/kernels/*.py, compiled without a "
+        f"GPU for sm_80 and sm_90 (triton {triton.__version__}, its bundled ptxas; `enable_fp_fusion=False`, "
         "pointers 16-byte aligned). Per-specialization numbers and PTX properties: `compile_report.json`.",
         "",
         f"- specializations x targets: {len(gate['results'])}; compile failures: {failed}; "

@@ -8,7 +8,7 @@ that order with ``ids`` = ``ema_ids`` (the EMA's random streams are keyed by ten
 position, so the fused call and a separate update give the same bits). The EMA sees the grads
 divided by GradScaler's scale; ``maximize`` does not change it (every signal is even in g).
 
-Backends: C++ (csrc/adamw.cpp) on CPU, Triton (kernels/adamw.py) on CUDA, the reference below
+Backends: C++ (csrc/adamw.cpp) on CPU, Triton (cpift_fast/kernels/adamw.py) on CUDA, the reference below
 (torch's foreach AdamW, then the frozen elements restored: what a user would write; the EMA's
 reference before it) elsewhere.
 """

@@ -3,7 +3,7 @@ each for one tensor (slerp_stats, slerp_apply) or a list of tensors in one call 
 slerp_apply_list: the C++ kernel splits one work list of chunks of every tensor over the threads;
 tensor t's result is the single op's on tensor t, bit for bit, on every backend).
 
-Backends: C++ (csrc/fuse.cpp), Triton (kernels/fuse.py), the reference below.
+Backends: C++ (csrc/fuse.cpp), Triton (cpift_fast/kernels/fuse.py), the reference below.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ Importance is non-negative: state holding negative values is outside the contrac
 non-finite grads with 8-bit state (fp32 / bf16 state carry Inf and NaN through). A nonzero
 ``found_inf`` (GradScaler saw inf/NaN) leaves every state and scale untouched.
 
-Backends: C++ (csrc/importance.cpp) on CPU, Triton (kernels/importance.py) on CUDA, the reference
+Backends: C++ (csrc/importance.cpp) on CPU, Triton (cpift_fast/kernels/importance.py) on CUDA, the reference
 below elsewhere; all three store the same bits.
 """
 

@@ -1,7 +1,7 @@
 """Bit-packed mask ops: pack, unpack, per-segment popcount, word-wise set algebra.
 
 Layout: bit i of a segment is bit (i % 32) of word ``offset + i // 32`` (int32 words, read as
-uint32). Backends: C++ (csrc/mask.cpp) on CPU, Triton (kernels/mask.py) on CUDA, the reference
+uint32). Backends: C++ (csrc/mask.cpp) on CPU, Triton (cpift_fast/kernels/mask.py) on CUDA, the reference
 below elsewhere; ``cpift_cuda`` CUDA C++ kernels (csrc/cuda/mask.cu) for popcount and binary.
 """
 

@@ -1,6 +1,6 @@
 """Pairwise overlap of T masks: popcount(masks[i] & masks[j]) for all pairs, in one pass over the words.
 
-Backends: C++ (csrc/overlap.cpp), Triton (kernels/overlap.py), the reference below (bool tensors,
+Backends: C++ (csrc/overlap.cpp), Triton (cpift_fast/kernels/overlap.py), the reference below (bool tensors,
 T² passes: what a user would write).
 """
 

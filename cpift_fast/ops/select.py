@@ -3,7 +3,7 @@
 key = bits(fp32(base) − fp32(tuned)) & 0x7fffffff: non-negative floats order like their bits, so a
 radix select over keys is an exact top-k of |diff|. Zero keys are never counted or selected;
 Inf/NaN land in level-0 bins >= 0x7f80 (the caller refuses them, naming the tensor).
-Backends: C++ (csrc/select.cpp), Triton (kernels/select.py), the reference below.
+Backends: C++ (csrc/select.cpp), Triton (cpift_fast/kernels/select.py), the reference below.
 """
 
 from __future__ import annotations
