@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -377,6 +378,42 @@ class Terminated(BaseException):
     """SIGTERM (a scheduler's stop) while a command runs: unwound like Ctrl-C."""
 
 
+@contextlib.contextmanager
+def _interrupts():
+    """While a command runs: SIGTERM raises Terminated, and an interrupt is never lost.
+
+    CPython raises KeyboardInterrupt (or Terminated) in whatever Python code runs when the signal
+    arrives. If that is a finalizer (a ``__del__`` run by the garbage collector, a weakref
+    callback), the exception is "ignored": reported to ``sys.unraisablehook`` and dropped, and the
+    run would go on to its end. Here the hook has the same signal sent again a millisecond later,
+    from a timer thread (raised at once, it would be handled inside the hook and dropped too), so it
+    lands in the code that follows. Only the main thread installs this (signal handlers live there)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise Terminated()
+
+    def on_unraisable(unraisable):
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, (KeyboardInterrupt, Terminated)):
+            again = signal.SIGTERM if issubclass(unraisable.exc_type, Terminated) else signal.SIGINT
+            threading.Timer(0.001, signal.raise_signal, (again,)).start()
+        else:
+            previous_hook(unraisable)
+
+    previous_term = signal.signal(signal.SIGTERM, on_term)
+    previous_hook, sys.unraisablehook = sys.unraisablehook, on_unraisable
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGTERM, previous_term)
+
+
 def _describe(exc: BaseException) -> str:
     """One line for an exception: its message (OS errors: the reason and the file)."""
     if isinstance(exc, OSError) and exc.strerror:
@@ -396,14 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
 
-    def on_term(signum, frame):
-        raise Terminated()
-
-    import signal
-
-    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
     try:
-        return int(args.func(args) or 0)
+        with _interrupts():
+            return int(args.func(args) or 0)
     except (KeyboardInterrupt, Terminated) as exc:
         if debug:
             raise
@@ -419,15 +451,6 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if expected else " (run with --debug for the traceback)"
         print(f"cpift: error: {_describe(exc)}{hint}", file=sys.stderr, flush=True)
         return 2 if usage else 1
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def entry() -> None:
