@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -66,8 +67,6 @@ def _launched_group():
     and writes the single-file outputs."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None, 0
-    import atexit
-
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -458,9 +457,18 @@ def entry() -> None:
     130 / 143 exactly: CPython re-sends itself SIGINT at exit (status -2) when its "unhandled
     KeyboardInterrupt" flag was set by a nested PyRun_* call the interrupt crossed inside a C
     extension, even though main() caught it (seen once, in a fresh-clone test run); os._exit after
-    flushing keeps the promised status."""
+    flushing keeps the promised status.
+
+    A process of a torchrun / accelerate launch also ends by os._exit, after the atexit handlers
+    (destroy_process_group among them): twice a rank that had finished its run aborted while the
+    interpreter was torn down ("terminate called without an active exception", status -6), when
+    process groups still referenced from Python (DDP's, the pipeline's own) freed their gloo
+    threads' work with the interpreter half gone; the launcher then failed the whole run."""
     code = main()
-    if code in (130, 143):
+    distributed = "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized()
+    if code in (130, 143) or distributed:
+        if code not in (130, 143):
+            atexit._run_exitfuncs()  # what a normal exit runs first, while the interpreter is whole
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
