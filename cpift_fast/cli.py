@@ -465,7 +465,8 @@ def entry() -> None:
     process groups still referenced from Python (DDP's, the pipeline's own) freed their gloo
     threads' work with the interpreter half gone; the launcher then failed the whole run."""
     code = main()
-    distributed = "torch.distributed" in sys.modules and sys.modules["torch.distributed"].is_initialized()
+    dist = sys.modules.get("torch.distributed")
+    distributed = dist is not None and dist.is_available() and dist.is_initialized()
     if code in (130, 143) or distributed:
         if code not in (130, 143):
             atexit._run_exitfuncs()  # what a normal exit runs first, while the interpreter is whole
