@@ -379,7 +379,7 @@ class Terminated(BaseException):
 
 @contextlib.contextmanager
 def _interrupts():
-    """While a command runs: SIGTERM raises Terminated, and an interrupt is never lost.
+    """While a command runs: SIGTERM raises Terminated, and an interrupt dropped in a finalizer comes back.
 
     CPython raises KeyboardInterrupt (or Terminated) in whatever Python code runs when the signal
     arrives. If that is a finalizer (a ``__del__`` run by the garbage collector, a weakref
